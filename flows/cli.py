@@ -1,0 +1,182 @@
+"""The `enginewright` command line: validate, plan, run, resolve, schema."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from recipes.schema import Recipe, RecipeError, load_recipe
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="Turn an LLM checkpoint into certified, per-GPU-architecture inference artifacts.")
+console = Console(width=None if sys.stdout.isatty() else 200)  # wide tables in logs and CI
+
+OVERRIDE_HELP = "Override a recipe field: key.path=value (repeatable), e.g. --set gates.latency.ttft_p95_ms=500"
+
+
+def _load(recipe: Path, overrides: list[str] | None) -> Recipe:
+    try:
+        loaded, _ = load_recipe(recipe, overrides or [])
+    except RecipeError as exc:
+        typer.echo(f"recipe error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    return loaded
+
+
+@app.command(epilog="Example: enginewright validate recipes/demo.yaml --set quantization.formats=[fp8]")
+def validate(recipe: Path = typer.Argument(..., help="recipe YAML"),
+             set_: Optional[List[str]] = typer.Option(None, "--set", help=OVERRIDE_HELP)) -> None:
+    """Check a recipe (schema, values, files) without running anything; lists every problem at once."""
+    loaded = _load(recipe, set_)
+    console.print(f"[green]ok[/green] {recipe}: {loaded.name}, formats {loaded.quantization.formats}, "
+                  f"targets {[t.name for t in loaded.targets]}")
+
+
+@app.command(epilog="Example: enginewright plan recipes/demo.yaml --json")
+def plan(recipe: Path = typer.Argument(..., help="recipe YAML"),
+         set_: Optional[List[str]] = typer.Option(None, "--set", help=OVERRIDE_HELP),
+         as_json: bool = typer.Option(False, "--json", help="print the plan as JSON")) -> None:
+    """Show every (format, target) pair that would run and each skipped pair with its reason. Runs nothing heavy."""
+    from tasks import store
+    from tasks.targets import make_plan
+
+    loaded = _load(recipe, set_)
+    result = make_plan(loaded, store.local_device())
+    pairs = [{"format": p.format, "target": p.target, "arch": p.arch,
+              "action": "skip" if p.skip_reason else "run", "reason": p.skip_reason} for p in result.pairs]
+    if as_json:
+        print(json.dumps({"recipe": loaded.name, "pairs": pairs}, indent=2))
+        return
+    table = Table(title=f"plan: {loaded.name}")
+    for col in ("format", "target", "arch", "action", "reason"):
+        table.add_column(col)
+    for p in pairs:
+        table.add_row(p["format"], p["target"], p["arch"], p["action"], p["reason"] or "")
+    console.print(table)
+
+
+@app.command(epilog="Examples:\n\n  enginewright run recipes/demo.yaml\n\n"
+                    "  enginewright run recipes/demo.yaml --set gates.accuracy.tasks.holdout_perplexity.max_relative_increase=0.05")
+def run(recipe: Path = typer.Argument(..., help="recipe YAML"),
+        set_: Optional[List[str]] = typer.Option(None, "--set", help=OVERRIDE_HELP),
+        json_out: Optional[Path] = typer.Option(None, "--json-out", help="also write the run record as JSON")) -> None:
+    """Run calibrate -> quantize -> build -> validate -> promote for a recipe, as a Prefect flow."""
+    from flows import env
+
+    loaded = _load(recipe, set_)
+    env.configure(offline=not env.recipe_needs_hub(loaded))
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    for noisy in ("httpx", "httpcore"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    from flows.pipeline import certify
+
+    started = time.perf_counter()
+    result = certify(str(recipe), set_ or [])
+    result["wall_seconds"] = round(time.perf_counter() - started, 1)
+    if json_out:
+        json_out.write_text(json.dumps(result, indent=2, default=str))
+    print_summary(result)
+    if result["errors"]:
+        raise typer.Exit(1)
+
+
+def _fmt(value, spec: str = ".1f") -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def print_summary(result: dict) -> None:
+    from registry.mlflow_registry import ui_command
+    from tasks import store
+
+    stages = Table(title="stages")
+    for col in ("stage", "subject", "time"):
+        stages.add_column(col)
+    for s in result["stages"]:
+        stages.add_row(s["stage"], s["subject"], "cache hit" if s["cached"] else f"{s['seconds']:.1f} s")
+    console.print(stages)
+
+    table = Table(title="results per format and target")
+    for col in ("format", "target", "perplexity (Δ, bound)", "cloze acc (Δ)", "TTFT p50/p95 ms", "TPOT p50/p95 ms",
+                "tok/s", "verdict", "registry"):
+        table.add_column(col)
+    for row in result["rows"]:
+        if row["status"] == "skipped":
+            table.add_row(row["format"], row["target"], "", "", "", "", "", "skipped", row["reason"])
+            continue
+        acc, lat = row.get("accuracy", {}), row.get("latency", {})
+        verdicts = {v["gate"]: v for v in row.get("verdicts", [])}
+        ppl = acc.get("holdout_perplexity", {}).get("word_perplexity")
+        ppl_cell = _fmt(ppl, ".2f")
+        if "holdout_perplexity" in verdicts:
+            v = verdicts["holdout_perplexity"]
+            ppl_cell += f" ({v['value']:+.1%}, ≤{v['bound']:+.1%})"
+        cloze = acc.get("holdout_cloze", {}).get("acc")
+        cloze_cell = _fmt(cloze, ".3f")
+        if "holdout_cloze" in verdicts:
+            cloze_cell += f" ({-verdicts['holdout_cloze']['value']:+.3f})"
+        verdict = row["status"] if row["status"] != "baseline" else "baseline"
+        style = {"pass": "green", "fail": "red", "undecided": "yellow"}.get(verdict, "")
+        table.add_row(row["format"], row["target"], ppl_cell, cloze_cell,
+                      f"{_fmt(lat.get('ttft_ms_p50'))}/{_fmt(lat.get('ttft_ms_p95'))}",
+                      f"{_fmt(lat.get('tpot_ms_p50'))}/{_fmt(lat.get('tpot_ms_p95'))}",
+                      _fmt(lat.get("output_tokens_per_s")), f"[{style}]{verdict}[/{style}]" if style else verdict,
+                      " ".join(x for x in (row.get("registry"), row.get("alias")) if x) or "")
+    console.print(table)
+    for row in result["rows"]:
+        if row["status"] in ("fail", "undecided"):
+            console.print(f"  {row['format']}@{row['target']} {row['status']}: {row['reason']}", highlight=False)
+    for p in result["promotions"]:
+        console.print(f"registry: {p['registered_model']} v{p['version']} -> alias {p['alias']} ({p['action']})")
+    if not result["promotions"]:
+        console.print("[yellow]nothing promoted[/yellow]: no candidate passed every gate")
+    for e in result["errors"]:
+        console.print(f"[red]error[/red] {e}", highlight=False)
+    if "wall_seconds" in result:
+        console.print(f"wall time {result['wall_seconds']} s; MLflow run {result['run_id']}")
+    console.print(f"MLflow UI:  {ui_command()}")
+    console.print(f"Prefect UI: PREFECT_HOME={store.home() / 'prefect'} .venv/bin/prefect server start   "
+                  f"# then open http://127.0.0.1:4200")
+
+
+@app.command(epilog="Example: enginewright resolve smollm2-135m-reference --gpu H100")
+def resolve(model: str = typer.Argument(..., help="registered model name, e.g. smollm2-135m-reference"),
+            gpu: str = typer.Option("auto", help="GPU name (H100, A100, ...), sm_XY, or auto (this machine)"),
+            tp: int = typer.Option(1, help="tensor-parallel size"),
+            prefix: str = typer.Option("champion", help="alias prefix")) -> None:
+    """Which registry version a node with this GPU should serve, and where its files are."""
+    from flows import env
+
+    env.configure(offline=True)
+    from registry.mlflow_registry import resolve as resolve_version
+    from tasks import store
+    from tasks.targets import arch_of
+
+    arch = store.local_device()["arch"] if gpu == "auto" else arch_of(gpu)
+    try:
+        answer = resolve_version(name=model, arch=arch, prefix=prefix, tp=tp)
+    except LookupError as exc:
+        console.print(f"[red]{exc}[/red]")
+        raise typer.Exit(1) from None
+    print(json.dumps(answer, indent=2))
+
+
+@app.command()
+def schema() -> None:
+    """Print the recipe JSON schema (every field, with its description)."""
+    print(json.dumps(Recipe.model_json_schema(), indent=2))
+
+
+def main() -> None:  # pragma: no cover
+    sys.exit(app())
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,38 @@
+"""Embedded defaults, set before Prefect, MLflow or Hugging Face libraries are imported (they read env at import)."""
+
+from __future__ import annotations
+
+import os
+
+from tasks import store
+
+
+def configure(*, offline: bool) -> None:
+    """Keep every piece of state under ENGINEWRIGHT_HOME unless the user pointed somewhere else.
+
+    Args:
+        offline: no stage of the recipe needs the Hugging Face hub; make hub libraries fail fast instead of
+            trying the network.
+    """
+    home = store.home()
+    home.mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("ENGINEWRIGHT_HOME", str(home))
+    if not os.environ.get("PREFECT_API_URL"):
+        os.environ.setdefault("PREFECT_HOME", str(home / "prefect"))
+        os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_ENABLED", "true")
+        os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+    os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "enginewright,tasks")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("HF_UPDATE_DOWNLOAD_COUNTS", "0")
+    os.environ.setdefault("MLFLOW_ENABLE_ASYNC_LOGGING", "false")
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
+    if offline:
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+
+def recipe_needs_hub(recipe) -> bool:
+    from recipes.schema import LOCAL_EVAL_TASKS
+
+    return (recipe.model.source == "hub" or recipe.calibration.source == "hub"
+            or any(t not in LOCAL_EVAL_TASKS for t in recipe.evaluation.tasks))

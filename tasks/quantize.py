@@ -1,0 +1,200 @@
+"""Quantize: ModelOpt post-training quantization of the imported checkpoint on the calibration set.
+
+Writes two checkpoints per format:
+  - ``fakequant/``: the HF model with ModelOpt's quantizer state (``modelopt_state.pth``); the reference backend
+    restores it and computes exactly what the quantized model computes;
+  - ``unified/``: ModelOpt's unified HF export (``hf_quant_config.json``), what TensorRT-LLM loads.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+
+from tasks import store
+
+log = logging.getLogger(__name__)
+
+# recipe format -> ModelOpt preset (modelopt.torch.quantization, 0.47)
+MODELOPT_PRESETS = {
+    "fp8": "FP8_DEFAULT_CFG",
+    "int8_sq": "INT8_SMOOTHQUANT_CFG",
+    "int4_awq": "INT4_AWQ_CFG",
+    "w4a8_awq": "W4A8_AWQ_BETA_CFG",
+    "nvfp4": "NVFP4_DEFAULT_CFG",
+}
+AWQ_FORMATS = ("int4_awq", "w4a8_awq")
+CUDA_ONLY_FORMATS = {"nvfp4": "NVFP4 calibration uses ModelOpt's CUDA kernels; run quantization on a GPU worker"}
+
+
+class QuantizationError(ValueError):
+    """The format cannot be applied to this model as configured."""
+
+
+@dataclass(frozen=True)
+class QuantizedArtifact:
+    format: str
+    path: str
+    fakequant_dir: str
+    unified_dir: str
+    fingerprint: str
+    quant_algo: str | None
+    awq_block_size: int | None
+    seconds: float
+    cached: bool = False
+
+
+def linear_in_features(model) -> dict[str, int]:
+    import torch
+
+    return {name: m.in_features for name, m in model.named_modules()
+            if isinstance(m, torch.nn.Linear) and "lm_head" not in name}
+
+
+def choose_awq_block_size(in_features: dict[str, int], requested: int | None) -> int:
+    """The requested group size if every quantized linear's input size divides by it; else the largest that works.
+
+    Raises:
+        QuantizationError: listing every layer that the requested size does not divide.
+    """
+    if requested is not None:
+        bad = {n: f for n, f in in_features.items() if f % requested}
+        if bad:
+            listed = ", ".join(f"{n} ({f})" for n, f in list(bad.items())[:8])
+            raise QuantizationError(
+                f"quantization.awq_block_size={requested} does not divide the input size of {len(bad)} layer(s): "
+                f"{listed}{' ...' if len(bad) > 8 else ''}. Use a divisor of every size, or leave it unset to choose one.")
+        return requested
+    for size in (128, 64, 32, 16):
+        if all(f % size == 0 for f in in_features.values()):
+            return size
+    raise QuantizationError(f"no AWQ group size in 128/64/32/16 divides every linear input size: {sorted(set(in_features.values()))}")
+
+
+def build_quant_config(fmt: str, *, kv_cache: str, awq_block_size: int | None) -> dict:
+    import modelopt.torch.quantization as mtq
+
+    cfg = copy.deepcopy(getattr(mtq, MODELOPT_PRESETS[fmt]))
+    if fmt in AWQ_FORMATS:
+        for entry in cfg["quant_cfg"]:
+            parts = entry.get("cfg")
+            for part in parts if isinstance(parts, list) else [parts]:
+                if isinstance(part, dict) and isinstance(part.get("block_sizes"), dict) and -1 in part["block_sizes"]:
+                    part["block_sizes"][-1] = awq_block_size
+    if kv_cache == "fp8":
+        cfg = mtq.update_quant_cfg_with_kv_cache_quant(cfg, mtq.FP8_KV_CFG["quant_cfg"])
+    return cfg
+
+
+def cache_key(*, model_fp: str, calib_digest: str, fmt: str, kv_cache: str, awq_block_size: int | None,
+              max_tokens: int, batch_size: int, device: str) -> str:
+    return store.key_of("quantize", model_fp, calib_digest, fmt, kv_cache, awq_block_size, max_tokens, batch_size,
+                        device, store.version_of("nvidia-modelopt"), store.version_of("torch"),
+                        store.version_of("transformers"))
+
+
+def quantize(*, model_dir: str, model_fp: str, calibration_file: str, calib_digest: str, fmt: str,
+             kv_cache: str = "none", awq_block_size: int | None = None, max_tokens: int = 256,
+             batch_size: int = 8) -> QuantizedArtifact:
+    """Quantize with ModelOpt and export; cached by model, calibration set, format config and toolchain.
+
+    Raises:
+        QuantizationError: the format cannot run here (e.g. NVFP4 without CUDA) or does not fit the model.
+    """
+    import torch
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if fmt in CUDA_ONLY_FORMATS and device != "cuda":
+        raise QuantizationError(f"{fmt}: {CUDA_ONLY_FORMATS[fmt]}")
+    if fmt in AWQ_FORMATS:
+        awq_block_size = choose_awq_block_size(_linear_sizes_from_config(model_dir), awq_block_size)
+    else:
+        awq_block_size = None
+    key = cache_key(model_fp=model_fp, calib_digest=calib_digest, fmt=fmt, kv_cache=kv_cache,
+                    awq_block_size=awq_block_size, max_tokens=max_tokens, batch_size=batch_size, device=device)
+    out = store.stage_dir(f"quantized/{fmt}", key)
+    manifest = store.read_manifest(out)
+    if manifest is None:
+        manifest = _quantize_and_export(model_dir, calibration_file, fmt, kv_cache, awq_block_size, max_tokens,
+                                        batch_size, device, key, out)
+        cached = False
+    else:
+        cached = True
+    return QuantizedArtifact(fmt, str(out), str(out / "fakequant"), str(out / "unified"), manifest["content_hash"],
+                             manifest.get("quant_algo"), awq_block_size, manifest["seconds"], cached)
+
+
+def _linear_sizes_from_config(model_dir: str) -> dict[str, int]:
+    """Linear input sizes from the config alone (a meta-device model: no weights loaded)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(model_dir)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    return linear_in_features(model)
+
+
+def _quantize_and_export(model_dir, calibration_file, fmt, kv_cache, awq_block_size, max_tokens, batch_size,
+                         device, key, out) -> dict:
+    import time
+
+    import modelopt.torch.opt as mto
+    import modelopt.torch.quantization as mtq
+    import torch
+    from modelopt.torch.export import export_hf_checkpoint
+    from tqdm import tqdm
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    mto.enable_huggingface_checkpointing()
+    started = time.perf_counter()
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device).eval()
+    model.config.architectures = [type(model).__name__]
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    texts = pd.read_parquet(calibration_file)["text"].tolist()
+    cfg = build_quant_config(fmt, kv_cache=kv_cache, awq_block_size=awq_block_size)
+
+    def forward_loop(m):
+        padding_side, tokenizer.padding_side = tokenizer.padding_side, "left"
+        try:
+            for i in tqdm(range(0, len(texts), batch_size), desc=f"calibrate {fmt}", unit="batch"):
+                batch = tokenizer(texts[i:i + batch_size], return_tensors="pt", padding=True, truncation=True,
+                                  max_length=max_tokens).to(device)
+                with torch.no_grad():
+                    m(**batch)
+        finally:
+            tokenizer.padding_side = padding_side
+
+    log.info("quantizing to %s on %s (%d calibration texts)", fmt, device, len(texts))
+    mtq.quantize(model, cfg, forward_loop)
+    with store.atomic_dir(out) as tmp:
+        mtq.print_quant_summary(model, output_dir=str(tmp))
+        # Save the fake-quant model before export: export packs weights in place.
+        model.save_pretrained(tmp / "fakequant")
+        tokenizer.save_pretrained(tmp / "fakequant")
+        with torch.inference_mode():
+            export_hf_checkpoint(model, dtype=torch.bfloat16, export_dir=str(tmp / "unified"))
+        tokenizer.save_pretrained(tmp / "unified")
+        quant_config = _read_json(tmp / "unified" / "hf_quant_config.json")
+        seconds = round(time.perf_counter() - started, 2)
+        manifest = store.write_manifest(tmp, {
+            "stage": "quantize", "key": key, "format": fmt, "kv_cache": kv_cache, "awq_block_size": awq_block_size,
+            "device": device, "seconds": seconds, "toolchain": store.toolchain(),
+            "quant_algo": (quant_config or {}).get("quantization", {}).get("quant_algo"),
+            "hf_quant_config": quant_config,
+        })
+    log.info("%s quantized and exported in %.1f s", fmt, seconds)
+    return manifest
+
+
+def _read_json(path: Path) -> dict | None:
+    import json
+
+    return json.loads(path.read_text()) if path.is_file() else None

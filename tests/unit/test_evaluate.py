@@ -1,0 +1,38 @@
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from recipes.schema import EvaluationSpec, TargetSpec
+from tasks import build, evaluate, store
+
+
+def test_cloze_items_have_known_answers_and_are_deterministic():
+    texts = ["The quick brown fox jumps over the lazy sleeping dog tonight. More text follows here.",
+             "Python evaluates expressions from left to right in most ordinary situations."]
+    items = evaluate.cloze_items(texts)
+    assert items == evaluate.cloze_items(texts)
+    assert items[0]["choices"][items[0]["label"]] == "tonight"
+    assert items[0]["context"].endswith("lazy sleeping dog")
+    assert len(set(items[0]["choices"])) == 4
+
+
+def test_lm_eval_runs_local_tasks_on_a_built_profile(tiny_model_dir, tmp_path):
+    from pydoc_data.topics import topics
+
+    holdout = tmp_path / "holdout.parquet"
+    pd.DataFrame({"text": [t[:600] for t in list(topics.values())[:30] if len(t) > 200]}).to_parquet(holdout)
+    art = build.build(model_slug="tiny", checkpoint_dir=str(tiny_model_dir), checkpoint_fp="base", fmt="none",
+                      quant_algo=None, target=TargetSpec(name="local"), device=store.local_device())
+    spec = EvaluationSpec(tasks=["holdout_perplexity", "holdout_cloze"], limit=6, batch_size=4, max_length=128)
+    res = evaluate.evaluate(profile_dir=art.path, profile_fp=art.fingerprint, backend_name="reference", spec=spec,
+                            holdout_file=str(holdout), holdout_digest="h")
+    assert res.metrics["holdout_perplexity"]["word_perplexity"] > 1
+    assert 0 <= res.metrics["holdout_cloze"]["acc"] <= 1
+    items = pd.read_parquet(res.items_file)
+    ppl = items[items.task == "holdout_perplexity"]
+    assert len(ppl) == 6 and (ppl.loglikelihood < 0).all() and (ppl.words > 0).all()
+    assert len(items[items.task == "holdout_cloze"]) == 6
+    again = evaluate.evaluate(profile_dir=art.path, profile_fp=art.fingerprint, backend_name="reference", spec=spec,
+                              holdout_file=str(holdout), holdout_digest="h")
+    assert again.cached and again.metrics == res.metrics

@@ -1,0 +1,40 @@
+"""Registry behaviour against a real MLflow SQLite store (no server)."""
+
+import pytest
+
+from registry import mlflow_registry as reg
+
+
+def _register(tmp_path, name, fmt, arch, degradation, fp):
+    profile = tmp_path / fp
+    profile.mkdir(exist_ok=True)
+    exp = reg.experiment_id("test")
+    run = reg.client().create_run(exp).info.run_id
+    return reg.register_version(name=name, profile_dir=str(profile), fingerprint=fp, run_id=run,
+                                tags={"quant_format": fmt, "gpu_arch": arch, "accuracy_degradation": degradation})
+
+
+def test_alias_moves_only_to_a_better_version_and_registration_is_idempotent(tmp_path):
+    v1, new = _register(tmp_path, "m", "fp8", "sm_90", 0.03, "a")
+    assert new
+    assert reg.promote(name="m", version=v1, alias="champion-sm90", challenger_alias="challenger-sm90")["action"] == "moved"
+    assert _register(tmp_path, "m", "fp8", "sm_90", 0.03, "a") == (v1, False)  # same artifact, same version
+    v2, _ = _register(tmp_path, "m", "fp8", "sm_90", 0.05, "b")  # same format, worse accuracy
+    out = reg.promote(name="m", version=v2, alias="champion-sm90", challenger_alias="challenger-sm90")
+    assert out["action"] == "challenger" and reg.resolve(name="m", arch="sm_90")["version"] == v1
+    v3, _ = _register(tmp_path, "m", "int4_awq", "sm_90", 0.06, "c")  # cheaper format that passed
+    assert reg.promote(name="m", version=v3, alias="champion-sm90", challenger_alias="challenger-sm90")["action"] == "moved"
+    assert reg.resolve(name="m", arch="sm_90")["version"] == v3
+
+
+def test_resolve_answers_per_architecture(tmp_path):
+    for arch, fp in (("sm_90", "h"), ("sm_80", "a"), ("sm_100", "b")):
+        v, _ = _register(tmp_path, "multi", "fp8" if arch != "sm_80" else "int4_awq", arch, 0.01, fp)
+        reg.promote(name="multi", version=v, alias=reg.alias_for("champion", arch), challenger_alias="x")
+    answers = {arch: reg.resolve(name="multi", arch=arch) for arch in ("sm_90", "sm_80", "sm_100")}
+    assert [a["tags"]["gpu_arch"] for a in answers.values()] == ["sm_90", "sm_80", "sm_100"]
+    assert answers["sm_80"]["source"].endswith("/a")
+    with pytest.raises(LookupError, match="nothing is certified for sm_89"):
+        reg.resolve(name="multi", arch="sm_89")
+    found = reg.find_versions("name='multi' and tags.gpu_arch LIKE 'sm_1%'")
+    assert [f["tags"]["gpu_arch"] for f in found] == ["sm_100"]
