@@ -53,7 +53,7 @@ def _validate(record: RunRecord, recipe, holdout, profile, device) -> tuple:
     subject = f"{profile.format}@{profile.target}"
     accuracy = _timed(record, "accuracy", subject, evaluate_task, profile_dir=profile.path,
                       profile_fp=profile.fingerprint, backend_name=profile.backend, spec=recipe.evaluation,
-                      holdout_file=holdout.holdout_file, holdout_digest=holdout.holdout_digest)
+                      holdout_file=holdout.holdout_file)
     latency = _timed(record, "latency", subject, latency_task, profile_dir=profile.path,
                      profile_fp=profile.fingerprint, backend_name=profile.backend, spec=recipe.latency,
                      holdout_file=holdout.holdout_file, holdout_digest=holdout.holdout_digest, device=device)
@@ -70,19 +70,54 @@ def _metrics_of(accuracy, latency) -> dict:
     return metrics | {f"latency.{k}": v for k, v in latency.summary.items() if isinstance(v, (int, float))}
 
 
+def resolve_inputs(recipe_path: str, overrides: list[str] | None, model_location: str | None,
+                   model_version: str | None, targets: list[str] | None):
+    """The recipe as this run sees it: overrides, a new model version's location, and a subset of targets."""
+    from recipes.schema import RecipeError
+
+    extra = list(overrides or [])
+    if model_location or model_version:
+        raw, _ = load_recipe(recipe_path, extra)
+        if raw.model.source == "hub":
+            extra += [f"model.id={model_location}"] if model_location else []
+            extra += [f"model.revision={model_version}"] if model_version else []
+        elif model_location:
+            extra.append(f"model.path={model_location}")
+    recipe, base_dir = load_recipe(recipe_path, extra)
+    if targets:
+        unknown = sorted(set(targets) - {t.name for t in recipe.targets})
+        if unknown:
+            raise RecipeError(f"targets {unknown} are not in the recipe (it has {[t.name for t in recipe.targets]})")
+        recipe = recipe.model_copy(update={"targets": [t for t in recipe.targets if t.name in targets]})
+    return recipe, base_dir
+
+
 @flow(name="certify", log_prints=True)
-def certify(recipe_path: str, overrides: list[str] | None = None) -> dict:
-    """Certify a model for every target in the recipe; returns the run record as a dict."""
+def certify(recipe_path: str, overrides: list[str] | None = None, model_location: str | None = None,
+            model_version: str | None = None, targets: list[str] | None = None, dry_run: bool = False) -> dict:
+    """Certify a model for every target in the recipe; returns the run record as a dict.
+
+    Args:
+        recipe_path: the recipe YAML (relative to the working directory of the process that runs the flow).
+        overrides: `key.path=value` recipe overrides.
+        model_location: a new model version's location: model.path for hf_dir/gguf sources, model.id for hub.
+        model_version: the version label (hub: the revision); recorded as a tag on every run and version.
+        targets: run only these recipe targets (by name).
+        dry_run: compute and return the plan only.
+    """
     recipe_file = Path(recipe_path)
-    recipe, base_dir = load_recipe(recipe_file, overrides or [])
+    recipe, base_dir = resolve_inputs(recipe_path, overrides, model_location, model_version, targets)
     device = store.local_device()
     plan = make_plan(recipe, device)
+    if dry_run:
+        return {"dry_run": True, "pairs": [p.__dict__ for p in plan.pairs]}
     record = RunRecord()
     record.run_id = registry.start_pipeline_run(
         experiment=recipe.name, run_name=f"certify-{time.strftime('%Y%m%d-%H%M%S')}", recipe_file=recipe_file,
         recipe_digest=recipe.digest(), params={"formats": recipe.quantization.formats,
                                                "targets": [t.name for t in recipe.targets], "device": device["arch"]},
-        tags={"model": recipe.model.slug, "toolchain": registry.dumps(store.toolchain())})
+        tags={"model": recipe.model.slug, "model_version": model_version or "unversioned",
+              "toolchain": registry.dumps(store.toolchain())})
     status = "FAILED"
     try:
         _certify(recipe, base_dir, device, plan, record)
@@ -102,7 +137,7 @@ def _certify(recipe, base_dir, device, plan, record: RunRecord) -> None:
     registry.log_calibration_dataset(record.run_id, calibration_file=calib.calibration_file, digest=calib.digest,
                                      stats=calib.stats, source=f"{recipe.calibration.source}:{calib.path}")
     lineage = {"model_fingerprint": model.fingerprint, "calibration_digest": calib.digest,
-               "recipe_sha": recipe.digest(), "source_run_id": record.run_id}
+               "recipe_sha": recipe.digest(), "source_run_id": record.run_id, "model_source": model.source}
 
     quantized, quant_errors = {}, {}
     for fmt in plan.formats_to_quantize:

@@ -9,6 +9,7 @@ requests. Warm-up requests are sent first and excluded.
 from __future__ import annotations
 
 import logging
+import sys
 import random
 import time
 from dataclasses import dataclass
@@ -72,7 +73,7 @@ def fixed_length_prompts(texts: list[str], tokenizer, *, count: int, input_token
 
 def cache_key(*, profile_fp: str, spec: LatencySpec, holdout_digest: str, device: dict) -> str:
     return store.key_of("latency", profile_fp, spec.model_dump(mode="json"), holdout_digest, device["arch"],
-                        device.get("gpu_name"), device.get("cpu"))
+                        device.get("gpu_name"), device.get("cpu"), store.source_digest(sys.modules[__name__]))
 
 
 def measure_latency(*, profile_dir: str, profile_fp: str, backend_name: str, spec: LatencySpec, holdout_file: str,

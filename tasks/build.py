@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,7 +42,8 @@ class BuildArtifact:
 
 def cache_key(*, checkpoint_fp: str, fmt: str, target, arch: str, toolchain: dict) -> str:
     options = target.model_dump(mode="json", exclude={"name", "work_pool"})
-    return store.key_of("build", checkpoint_fp, fmt, options, arch, toolchain)
+    return store.key_of("build", checkpoint_fp, fmt, options, arch, toolchain,
+                        store.source_digest(sys.modules[__name__], backend(target.backend)))
 
 
 def build(*, model_slug: str, checkpoint_dir: str, checkpoint_fp: str, fmt: str, quant_algo: str | None,

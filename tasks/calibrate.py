@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import random
+import sys
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -105,7 +106,7 @@ def split_and_sample(texts: list[str], spec: CalibrationSpec) -> tuple[list[str]
 def calibrate(spec: CalibrationSpec, *, model_dir: str, base_dir: Path) -> CalibrationArtifact:
     """Build the calibration set (parquet) and the held-out split, keyed by source content, sampling and tokenizer."""
     key = store.key_of("calibrate", source_fingerprint(spec, base_dir), spec.model_dump(mode="json"),
-                       tokenizer_fingerprint(Path(model_dir)))
+                       tokenizer_fingerprint(Path(model_dir)), store.source_digest(sys.modules[__name__]))
     out = store.stage_dir("calibration", key)
     manifest = store.read_manifest(out)
     if manifest is None:

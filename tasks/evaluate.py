@@ -72,18 +72,29 @@ def task_data(task: str, holdout: list[str], limit: int | None) -> list[dict]:
     return rows[:limit] if limit else rows
 
 
-def task_configs(tasks: list[str], holdout_file: str, limit: int | None, data_dir: Path) -> list:
-    """lm-eval task configs: local YAMLs pointed at freshly written held-out data; other names pass through."""
+def task_inputs(tasks: list[str], holdout_file: str, limit: int | None) -> dict[str, list[dict] | None]:
+    """The items of each local task, built from the held-out split; None for lm-eval's own tasks."""
     holdout = pd.read_parquet(holdout_file)["text"].tolist()
-    configs: list = []
+    inputs: dict[str, list[dict] | None] = {}
     for task in tasks:
         if task not in LOCAL_EVAL_TASKS:
-            configs.append(task)
+            inputs[task] = None
             continue
         rows = task_data(task, holdout, limit)
         if len(rows) < 2:
             raise ValueError(f"evaluation.tasks: {task} has {len(rows)} held-out item(s); raise "
                              f"calibration.holdout_fraction or use a larger source")
+        inputs[task] = rows
+    return inputs
+
+
+def task_configs(inputs: dict[str, list[dict] | None], data_dir: Path) -> list:
+    """lm-eval task configs: local YAMLs pointed at the written items; other task names pass through."""
+    configs: list = []
+    for task, rows in inputs.items():
+        if rows is None:
+            configs.append(task)
+            continue
         data = data_dir / f"{task}.jsonl"
         data.write_text("".join(json.dumps(r) + "\n" for r in rows))
         config = yaml.safe_load((TASK_DIR / f"{task}.yaml").read_text())
@@ -92,10 +103,13 @@ def task_configs(tasks: list[str], holdout_file: str, limit: int | None, data_di
     return configs
 
 
-def cache_key(*, profile_fp: str, spec: EvaluationSpec, holdout_digest: str) -> str:
+def cache_key(*, profile_fp: str, spec: EvaluationSpec, inputs: dict) -> str:
+    """Keyed on the items themselves (not just the held-out file), the task YAMLs, harness and this code."""
+    import sys
+
     yamls = {p.name: p.read_text() for p in sorted(TASK_DIR.glob("*.yaml"))}
-    return store.key_of("evaluate", profile_fp, spec.model_dump(mode="json"), holdout_digest,
-                        store.version_of("lm_eval"), yamls, EVAL_SEED)
+    return store.key_of("evaluate", profile_fp, spec.model_dump(mode="json"), inputs, store.version_of("lm_eval"),
+                        yamls, store.source_digest(sys.modules[__name__]))
 
 
 def per_item_rows(task: str, samples: list[dict]) -> list[dict]:
@@ -116,20 +130,21 @@ def per_item_rows(task: str, samples: list[dict]) -> list[dict]:
     return rows
 
 
-def evaluate(*, profile_dir: str, profile_fp: str, backend_name: str, spec: EvaluationSpec, holdout_file: str,
-             holdout_digest: str) -> AccuracyResult:
+def evaluate(*, profile_dir: str, profile_fp: str, backend_name: str, spec: EvaluationSpec,
+             holdout_file: str) -> AccuracyResult:
     """Run the evaluation tasks on one built profile; cached by profile content, eval spec, data and harness."""
-    key = cache_key(profile_fp=profile_fp, spec=spec, holdout_digest=holdout_digest)
+    inputs = task_inputs(spec.tasks, holdout_file, spec.limit)
+    key = cache_key(profile_fp=profile_fp, spec=spec, inputs=inputs)
     out = store.stage_dir("evaluations", key)
     manifest = store.read_manifest(out)
     cached = manifest is not None
     if manifest is None:
-        manifest = _run(profile_dir, backend_name, spec, holdout_file, key, out)
+        manifest = _run(profile_dir, backend_name, spec, inputs, key, out)
     return AccuracyResult(str(out), manifest["metrics"], str(out / "items.parquet"), manifest["n_items"],
                           manifest["seconds"], cached)
 
 
-def _run(profile_dir, backend_name, spec, holdout_file, key, out) -> dict:
+def _run(profile_dir, backend_name, spec, inputs, key, out) -> dict:
     import time
 
     import lm_eval
@@ -140,7 +155,7 @@ def _run(profile_dir, backend_name, spec, holdout_file, key, out) -> dict:
     verify_artifact(profile_dir)
     started = time.perf_counter()
     with store.atomic_dir(out) as tmp:
-        configs = task_configs(spec.tasks, holdout_file, spec.limit, tmp)
+        configs = task_configs(inputs, tmp)
         hub_tasks = [c for c in configs if isinstance(c, str)]
         manager = TaskManager(include_defaults=bool(hub_tasks))
         with backend(backend_name).lm_eval_model(Path(profile_dir), batch_size=spec.batch_size,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -94,7 +95,7 @@ def cache_key(*, model_fp: str, calib_digest: str, fmt: str, kv_cache: str, awq_
               max_tokens: int, batch_size: int, device: str) -> str:
     return store.key_of("quantize", model_fp, calib_digest, fmt, kv_cache, awq_block_size, max_tokens, batch_size,
                         device, store.version_of("nvidia-modelopt"), store.version_of("torch"),
-                        store.version_of("transformers"))
+                        store.version_of("transformers"), store.source_digest(sys.modules[__name__]))
 
 
 def quantize(*, model_dir: str, model_fp: str, calibration_file: str, calib_digest: str, fmt: str,

@@ -31,6 +31,11 @@ def key_of(*parts: Any) -> str:
     return hashlib.sha256(blob).hexdigest()
 
 
+def source_digest(*modules) -> str:
+    """Hash of the given modules' source files: a stage's code is an input of its cache key."""
+    return key_of([sha256_file(Path(m.__file__)) for m in modules])
+
+
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
