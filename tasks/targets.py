@@ -81,7 +81,9 @@ class Plan:
 
     @property
     def formats_to_quantize(self) -> list[str]:
-        wanted = {p.format for p in self.runnable}
+        """Formats valid for at least one target's architecture, placed here or not: quantization happens once,
+        where the flow runs, and is shared by every target (a pool's workers read it from the shared store)."""
+        wanted = {p.format for p in self.pairs if p.skip_reason in (None, self.unplaced.get(p.target))}
         return [f for f in self.format_order if f in wanted]
 
 
@@ -89,15 +91,22 @@ def resolve_target_arch(target, local: dict) -> str:
     return local["arch"] if target.gpu == "auto" else arch_of(target.gpu)
 
 
-def make_plan(recipe, local: dict) -> Plan:
-    """Every (format, target) pair in recipe order; invalid or unplaceable ones carry their skip reason."""
+def make_plan(recipe, local: dict, *, dispatch: bool = False) -> Plan:
+    """Every (format, target) pair in recipe order; invalid or unplaceable ones carry their skip reason.
+
+    A target whose architecture differs from this machine's runs only when `dispatch` is on (a Prefect server is
+    reachable) and the target names a work pool; otherwise it is unplaced, with the reason.
+    """
     plan = Plan(format_order=list(recipe.quantization.formats))
     for target in recipe.targets:
         arch = resolve_target_arch(target, local)
         plan.target_arch[target.name] = arch
-        if target.work_pool is None and arch != local["arch"]:
-            plan.unplaced[target.name] = (f"target '{target.name}' needs {arch} but this machine is {local['arch']}; "
-                                          f"set targets[].work_pool to a pool whose workers have that GPU")
+        if arch != local["arch"] and not (dispatch and target.work_pool):
+            plan.unplaced[target.name] = (
+                f"target '{target.name}' needs {arch} but this machine is {local['arch']}; " + (
+                    f"its work pool '{target.work_pool}' is used when the flow runs against a Prefect server "
+                    f"(PREFECT_API_URL) with a worker in that pool" if target.work_pool else
+                    "set targets[].work_pool to a Prefect work pool whose workers have that GPU"))
         for fmt in recipe.quantization.formats:
             reason = invalid_reason(fmt, arch, backend=target.backend, quant_device=local["device"])
             reason = reason or plan.unplaced.get(target.name)

@@ -26,7 +26,7 @@ def test_format_by_arch_validity_is_decided_before_any_work():
         {"name": "h100", "gpu": "H100", "work_pool": "gpu-h100"},
         {"name": "a100", "gpu": "A100", "work_pool": "gpu-a100"},
         {"name": "b200", "gpu": "B200", "work_pool": "gpu-b200"}])
-    plan = make_plan(r, H100)
+    plan = make_plan(r, H100, dispatch=True)
     runnable = {(p.format, p.target) for p in plan.runnable}
     assert runnable == {("fp8", "h100"), ("int4_awq", "h100"), ("int4_awq", "a100"),
                         ("nvfp4", "b200"), ("fp8", "b200"), ("int4_awq", "b200")}
@@ -49,3 +49,10 @@ def test_int8_sq_needs_the_legacy_engine_on_trtllm():
 def test_target_for_another_gpu_without_a_pool_is_not_run_here():
     plan = make_plan(recipe(["fp8"], [{"name": "h100", "gpu": "H100"}]), CPU)
     assert "work_pool" in plan.pairs[0].skip_reason and plan.unplaced["h100"]
+
+
+def test_pooled_target_for_another_arch_is_unplaced_without_a_server():
+    r = recipe(["fp8", "nvfp4"], [{"name": "b200", "gpu": "B200", "work_pool": "gpu-b200"}])
+    plan = make_plan(r, H100)
+    assert "gpu-b200" in plan.unplaced["b200"] and not plan.runnable
+    assert plan.formats_to_quantize == ["fp8", "nvfp4"]  # still quantized here, for the pool's workers
