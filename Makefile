@@ -5,7 +5,7 @@ VENV   ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test clean
+.PHONY: setup demo test clean compose-cli
 
 setup: $(STAMP)
 
@@ -21,8 +21,12 @@ $(STAMP): pyproject.toml
 demo: setup
 	$(VENV)/bin/enginewright run recipes/demo.yaml
 
-test: setup
+test: setup compose-cli
 	$(VENV)/bin/python -m pytest -ra
+
+# tests/integration/test_topology.py validates docker-compose.yml with `docker-compose config` (no engine needed)
+compose-cli:
+	command -v docker-compose >/dev/null || (apt-get update -qq && apt-get install -y -qq docker-compose)
 
 clean:
 	rm -rf $(VENV) .enginewright

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -103,15 +104,16 @@ def print_summary(result: dict) -> None:
         stages.add_row(s["stage"], s["subject"], "cache hit" if s["cached"] else f"{s['seconds']:.1f} s")
     console.print(stages)
 
-    table = Table(title="results per format and target")
+    load = result.get("gated_load", "concurrency=1")
+    table = Table(title=f"results per format and target (latency at {load})")
     for col in ("format", "target", "perplexity (Δ, bound)", "cloze acc (Δ)", "TTFT p50/p95 ms", "TPOT p50/p95 ms",
                 "tok/s", "verdict", "registry"):
         table.add_column(col)
     for row in result["rows"]:
-        if row["status"] == "skipped":
-            table.add_row(row["format"], row["target"], "", "", "", "", "", "skipped", row["reason"])
+        if row["status"] in ("skipped", "not evaluated"):
+            table.add_row(row["format"], row["target"], "", "", "", "", "", row["status"], row["reason"])
             continue
-        acc, lat = row.get("accuracy", {}), row.get("latency", {})
+        acc, lat = row.get("accuracy", {}), row.get("latency", {}).get(load, {})
         verdicts = {v["gate"]: v for v in row.get("verdicts", [])}
         ppl = acc.get("holdout_perplexity", {}).get("word_perplexity")
         ppl_cell = _fmt(ppl, ".2f")
@@ -133,6 +135,8 @@ def print_summary(result: dict) -> None:
     for row in result["rows"]:
         if row["status"] in ("fail", "undecided"):
             console.print(f"  {row['format']}@{row['target']} {row['status']}: {row['reason']}", highlight=False)
+    for target, decision in result.get("decisions", {}).items():
+        console.print(f"decision for {target}: {decision['reason']}", highlight=False)
     for p in result["promotions"]:
         console.print(f"registry: {p['registered_model']} v{p['version']} -> alias {p['alias']} ({p['action']})")
     if not result["promotions"]:
@@ -141,9 +145,14 @@ def print_summary(result: dict) -> None:
         console.print(f"[red]error[/red] {e}", highlight=False)
     if "wall_seconds" in result:
         console.print(f"wall time {result['wall_seconds']} s; MLflow run {result['run_id']}")
+    if result.get("report"):
+        console.print(f"decision report: {result['report']}  (also in the MLflow run under report/)")
     console.print(f"MLflow UI:  {ui_command()}")
-    console.print(f"Prefect UI: PREFECT_HOME={store.home() / 'prefect'} .venv/bin/prefect server start   "
-                  f"# then open http://127.0.0.1:4200")
+    if os.environ.get("PREFECT_API_URL"):
+        console.print(f"Prefect UI: {os.environ['PREFECT_API_URL'].removesuffix('/api')}")
+    else:
+        console.print(f"Prefect UI: PREFECT_HOME={store.home() / 'prefect'} .venv/bin/prefect server start   "
+                      f"# then open http://127.0.0.1:4200")
 
 
 @app.command(epilog="Example: enginewright resolve smollm2-135m-reference --gpu H100")
@@ -172,6 +181,9 @@ def resolve(model: str = typer.Argument(..., help="registered model name, e.g. s
 def schema() -> None:
     """Print the recipe JSON schema (every field, with its description)."""
     print(json.dumps(Recipe.model_json_schema(), indent=2))
+
+
+__import__("flows.ops_cli").ops_cli.register(app)  # production commands: deploy, webhook serve
 
 
 def main() -> None:  # pragma: no cover

@@ -21,14 +21,19 @@ def configure(*, offline: bool) -> None:
         os.environ.setdefault("PREFECT_HOME", str(home / "prefect"))
         os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_ENABLED", "true")
         os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
-    os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "enginewright,tasks")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    os.environ.setdefault("HF_UPDATE_DOWNLOAD_COUNTS", "0")
-    os.environ.setdefault("MLFLOW_ENABLE_ASYNC_LOGGING", "false")
-    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
+    for key, value in flow_run_env(offline=offline).items():
+        os.environ.setdefault(key, value)
+
+
+def flow_run_env(*, offline: bool) -> dict[str, str]:
+    """What every flow run's process needs, wherever it runs: `enginewright run` sets these in its own process;
+    deployments (flows/deploy.py) pass them to workers as the job's environment."""
+    env = {"PREFECT_LOGGING_EXTRA_LOGGERS": "enginewright,tasks", "TOKENIZERS_PARALLELISM": "false",
+           "HF_UPDATE_DOWNLOAD_COUNTS": "0", "MLFLOW_ENABLE_ASYNC_LOGGING": "false",
+           "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true"}
     if offline:
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")
-        os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+        env |= {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    return env
 
 
 def recipe_needs_hub(recipe) -> bool:

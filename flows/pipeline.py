@@ -17,7 +17,7 @@ from flows.stages import (build_task, calibrate_task, evaluate_task, gate_task, 
                           quantize_task)
 from recipes.schema import load_recipe
 from registry import mlflow_registry as registry
-from tasks import store
+from tasks import ladder, store
 from tasks.build import BASELINE
 from tasks.quantize import QuantizationError
 from tasks.targets import make_plan
@@ -32,7 +32,9 @@ class RunRecord:
     stages: list[dict] = field(default_factory=list)  # stage, subject, seconds, cached
     rows: list[dict] = field(default_factory=list)  # one per (format, target), baseline included
     promotions: list[dict] = field(default_factory=list)
+    decisions: dict[str, dict] = field(default_factory=dict)  # target -> the ladder's choice and why
     errors: list[str] = field(default_factory=list)
+    report: str | None = None
 
     def stage(self, name: str, subject: str, started: float, result) -> None:
         cached = bool(getattr(result, "cached", False))
@@ -67,7 +69,8 @@ def _row(fmt: str, target, arch: str, status: str, reason: str = "", **extra) ->
 
 def _metrics_of(accuracy, latency) -> dict:
     metrics = {f"{task}.{k}": v for task, vals in accuracy.metrics.items() for k, v in vals.items()}
-    return metrics | {f"latency.{k}": v for k, v in latency.summary.items() if isinstance(v, (int, float))}
+    return metrics | {f"latency.{load.replace('=', '_')}.{k}": v for load, summary in latency.summary.items()
+                      if isinstance(summary, dict) for k, v in summary.items() if isinstance(v, (int, float))}
 
 
 def resolve_inputs(recipe_path: str, overrides: list[str] | None, model_location: str | None,
@@ -123,11 +126,65 @@ def certify(recipe_path: str, overrides: list[str] | None = None, model_location
         _certify(recipe, base_dir, device, plan, record)
         status = "FINISHED"
     finally:
-        registry.log_dict(record.run_id, {"stages": record.stages, "rows": record.rows,
+        registry.log_dict(record.run_id, {"stages": record.stages, "rows": record.rows, "decisions": record.decisions,
                                           "promotions": record.promotions, "errors": record.errors}, "summary.json")
+        _publish_report(recipe, record)
         registry.end_run(record.run_id, status)
     return {"run_id": record.run_id, "stages": record.stages, "rows": record.rows, "promotions": record.promotions,
-            "errors": record.errors, "tracking_uri": registry.tracking_uri()}
+            "decisions": record.decisions, "errors": record.errors, "report": record.report,
+            "gated_load": recipe.gated_load, "tracking_uri": registry.tracking_uri()}
+
+
+def _publish_report(recipe, record: RunRecord) -> None:
+    """The decision report: written to the store, logged to the MLflow run, shown as a Prefect artifact."""
+    from prefect.artifacts import create_markdown_artifact
+
+    from tasks.report import write_report
+
+    if not any(r["status"] != "skipped" for r in record.rows):
+        return
+    out = write_report(recipe=recipe, rows=record.rows, decisions=record.decisions,
+                       out_dir=store.home() / "reports" / record.run_id)
+    record.report = str(out)
+    for file in out.parent.iterdir():
+        registry.log_file(record.run_id, str(file), "report")
+    create_markdown_artifact(markdown=out.read_text(), key="decision-report",
+                             description=f"{recipe.name}: decision per target (plots in the MLflow run's report/)")
+
+
+def _check_calibration(recipe, model, calib, record: RunRecord):
+    """The calibration set's representativeness report, before any quantization: logged to MLflow, shown as Prefect
+    artifacts; a failed threshold warns, or with `action: stop` raises RepresentativenessError here."""
+    from tasks import representativeness as rep
+
+    report = _timed(record, "represent", recipe.calibration.source, rep.assess, recipe.calibration, calib,
+                    model_dir=model.path, model_fp=model.fingerprint)
+    inputs = rep.load_inputs(calib.path)
+    registry.log_representativeness(
+        record.run_id, report=report.as_dict(), markdown=report.markdown(), strata=report.strata_table(),
+        layers=report.layers_table(), metrics=report.metrics(), status=report.status,
+        figure=rep.figure(report, sample_tokens=inputs["sample_tokens"], reference_tokens=inputs["reference_tokens"],
+                          first_n_tokens=inputs["first_n_tokens"]))
+    _publish_representativeness(report)
+    for message in rep.enforce(report):
+        log.warning("calibration representativeness: %s", message)
+    return report
+
+
+def _publish_representativeness(report) -> None:
+    from prefect.context import FlowRunContext, TaskRunContext
+
+    if FlowRunContext.get() is None and TaskRunContext.get() is None:
+        return  # called outside a flow run: nowhere to attach artifacts (MLflow has the report)
+    from prefect.artifacts import create_markdown_artifact, create_table_artifact
+
+    create_markdown_artifact(markdown=report.markdown(), key="calibration-representativeness",
+                             description=f"calibration set representativeness: {report.status}")
+    create_table_artifact(table=report.strata_table(), key="calibration-strata",
+                          description="stratum shares: source vs calibration sample")
+    if report.layers:
+        create_table_artifact(table=report.layers_table(), key="calibration-activation-ranges",
+                              description="Linear input abs-max: calibration sample vs held-out sample")
 
 
 def _certify(recipe, base_dir, device, plan, record: RunRecord) -> None:
@@ -136,6 +193,7 @@ def _certify(recipe, base_dir, device, plan, record: RunRecord) -> None:
                    model_dir=model.path, base_dir=base_dir)
     registry.log_calibration_dataset(record.run_id, calibration_file=calib.calibration_file, digest=calib.digest,
                                      stats=calib.stats, source=f"{recipe.calibration.source}:{calib.path}")
+    _check_calibration(recipe, model, calib, record)  # may stop the run here, before any quantization
     lineage = {"model_fingerprint": model.fingerprint, "calibration_digest": calib.digest,
                "recipe_sha": recipe.digest(), "source_run_id": record.run_id, "model_source": model.source}
 
@@ -167,6 +225,7 @@ def _certify(recipe, base_dir, device, plan, record: RunRecord) -> None:
 
 def _certify_target(recipe, target, arch, pairs, model, calib, quantized, quant_errors, device, lineage,
                     record: RunRecord) -> None:
+    load = recipe.gated_load
     baseline = _timed(record, "build", f"{BASELINE}@{target.name}", build_task, model_slug=model.name,
                       checkpoint_dir=model.path, checkpoint_fp=model.fingerprint, fmt=BASELINE, quant_algo=None,
                       target=target, device=device)
@@ -178,10 +237,14 @@ def _certify_target(recipe, target, arch, pairs, model, calib, quantized, quant_
     registry.end_run(base_run)
     record.rows.append(_row(BASELINE, target, arch, "baseline", accuracy=base_acc.metrics, latency=base_lat.summary))
 
-    passing = []
+    rungs, profiles = [], {}
     for pair in pairs:
         if pair.skip_reason or pair.format in quant_errors:
             record.rows.append(_row(pair.format, target, arch, "skipped", pair.skip_reason or quant_errors[pair.format]))
+            continue
+        if not ladder.keep_going(recipe.ladder.strategy, [r["status"] for r in rungs]):
+            record.rows.append(_row(pair.format, target, arch, "not evaluated",
+                                    f"first_passing: {rungs[-1]['format']} already passed"))
             continue
         q = quantized[pair.format]
         profile = _timed(record, "build", f"{pair.format}@{target.name}", build_task, model_slug=model.name,
@@ -190,7 +253,8 @@ def _certify_target(recipe, target, arch, pairs, model, calib, quantized, quant_
                          device=device)
         acc, lat = _validate(record, recipe, calib, profile, device)
         decision = gate_task(baseline_items_file=base_acc.items_file, candidate_items_file=acc.items_file,
-                             baseline_latency=base_lat.summary, candidate_latency=lat.summary, gates=recipe.gates)
+                             baseline_latency=base_lat.summary[load], candidate_latency=lat.summary[load],
+                             gates=recipe.gates)
         run_id = registry.start_child_run(
             record.run_id, run_name=f"{pair.format}@{target.name}",
             params={"format": pair.format, "target": target.name, "arch": arch, "quant_algo": q.quant_algo,
@@ -205,17 +269,22 @@ def _certify_target(recipe, target, arch, pairs, model, calib, quantized, quant_
         row = _row(pair.format, target, arch, decision.status, decision.reason, accuracy=acc.metrics,
                    latency=lat.summary, verdicts=[v.as_dict() for v in decision.verdicts], run_id=run_id)
         record.rows.append(row)
-        if decision.passed:
-            passing.append((profile, decision, run_id, row))
-    _promote(recipe, target, arch, passing, lineage, record)
+        rungs.append({"format": pair.format, "status": decision.status, "reason": decision.reason,
+                      "latency": lat.summary[load]})
+        profiles[pair.format] = (profile, decision, run_id, row)
+    choice = ladder.choose(rungs, strategy=recipe.ladder.strategy, metric=recipe.ladder.metric)
+    record.decisions[target.name] = {"format": choice.format, "reason": choice.reason}
+    log.info("%s: %s", target.name, choice.reason)
+    passing = [profiles[r["format"]] for r in rungs if r["status"] == "pass"]
+    _promote(recipe, target, arch, passing, choice, lineage, record)
 
 
-def _promote(recipe, target, arch, passing, lineage, record: RunRecord) -> None:
-    if not passing:
-        log.info("no candidate passed every gate on %s: nothing promoted", target.name)
+def _promote(recipe, target, arch, passing, choice, lineage, record: RunRecord) -> None:
+    """Register every passing rung (idempotent by fingerprint); the ladder's choice contends for the alias."""
+    if choice.format is None:
         return
     name = registry.registered_name(recipe.registry.name, target.backend)
-    registered = []
+    load = recipe.gated_load
     for profile, decision, run_id, row in passing:
         accuracy = [v for v in decision.verdicts if v.bound is not None]
         tags = lineage | {
@@ -226,16 +295,18 @@ def _promote(recipe, target, arch, passing, lineage, record: RunRecord) -> None:
             **{f"toolchain.{k}": v for k, v in profile.manifest["toolchain"].items()},
             **{f"gate.{v.gate}": f"{v.verdict} value={v.value} bound={v.bound} threshold={v.threshold}"
                for v in decision.verdicts},
-            "ttft_ms_p95": row["latency"].get("ttft_ms_p95"), "tpot_ms_p95": row["latency"].get("tpot_ms_p95"),
+            **{f"metric.{k}": row["latency"][load].get(k) for k in ladder.HIGHER_IS_BETTER},
+            "latency_load": load, "ladder_strategy": recipe.ladder.strategy,
         }
         version, _ = registry.register_version(name=name, profile_dir=profile.path, fingerprint=profile.fingerprint,
                                                run_id=run_id, tags=tags)
         row["registry"] = f"{name} v{version}"
-        registered.append((registry.FORMAT_COST.get(profile.format, 8), tags["accuracy_degradation"] or 0.0,
-                           version, row))
-    best = min(registered, key=lambda r: (r[0], r[1]))
-    outcome = registry.promote(name=name, version=best[2],
-                               alias=registry.alias_for(recipe.registry.alias_prefix, arch, target.tp),
-                               challenger_alias=registry.alias_for("challenger", arch, target.tp))
-    best[3]["alias"] = f"{outcome['alias']} ({outcome['action']})"
-    record.promotions.append({"registered_model": name, "target": target.name, **outcome})
+        if profile.format != choice.format:
+            continue
+        outcome = registry.promote(
+            name=name, version=version, alias=registry.alias_for(recipe.registry.alias_prefix, arch, target.tp),
+            challenger_alias=registry.alias_for("challenger", arch, target.tp),
+            rank=lambda t: ladder.rank_key(t, strategy=recipe.ladder.strategy, metric=recipe.ladder.metric,
+                                           format_cost=registry.FORMAT_COST))
+        row["alias"] = f"{outcome['alias']} ({outcome['action']})"
+        record.promotions.append({"registered_model": name, "target": target.name, **outcome})

@@ -69,20 +69,61 @@ class ModelSpec(Strict):
         return "".join(c if c.isalnum() or c in "-_." else "-" for c in raw).lower()
 
 
+class RequestLogSpec(Strict):
+    stratify_by: list[str] = Field(default_factory=lambda: ["length"], min_length=1, description="stratum key: 'length' (token-length bucket of the rendered prompt) and/or metadata fields of the requests (tenant, task, ...; top level or under 'metadata'); several fields form one combined key")
+    length_buckets: list[int] = Field(default_factory=lambda: [32, 64, 128, 256, 512, 1024, 2048, 4096, 8192], min_length=1, description="upper edges (exclusive, in tokens) of the length buckets; the last bucket is open-ended")
+    token_lengths: Literal["estimate", "exact"] = Field("estimate", description="exact: tokenize every request (slow on large logs); estimate: chars per token measured on the first 2,000 requests. The sample and the report's reference sample are always tokenized exactly")
+    near_duplicate_threshold: float | None = Field(0.8, gt=0.0, le=1.0, description="drop a request whose word-3-shingle Jaccard similarity (digits masked, same system prompt) to a kept one is at least this; null: exact duplicates only")
+    redact: bool = Field(True, description="replace e-mails, bearer tokens, API keys, secrets, card and SSN numbers with placeholders before anything is stored")
+    max_record_tokens: int = Field(32_768, ge=1, description="drop (and count) requests whose rendered prompt is longer")
+    reference_samples: int = Field(10_000, ge=100, le=1_000_000, description="size of the uniform reference sample of the whole log that the report compares against")
+    holdout_samples: int = Field(1024, ge=1, le=100_000, description="held-out requests kept for evaluation (a seeded uniform sample of the held-out share)")
+    max_strata: int = Field(64, ge=1, le=1024, description="distinct stratum keys tracked; later new keys share the '(other)' stratum")
+
+    @field_validator("stratify_by", mode="before")
+    @classmethod
+    def _scalar_to_list(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str) else value
+
+    @field_validator("length_buckets")
+    @classmethod
+    def _increasing(cls, value: list[int]) -> list[int]:
+        if value[0] < 1 or any(b <= a for a, b in zip(value, value[1:])):
+            raise ValueError("length_buckets must be positive and strictly increasing")
+        return value
+
+
+class RepresentativenessSpec(Strict):
+    max_ks: float | None = Field(None, gt=0.0, le=1.0, description="largest allowed Kolmogorov-Smirnov statistic between the token lengths of the sample and of the source")
+    max_stratum_share_gap: float | None = Field(None, gt=0.0, le=1.0, description="largest allowed |sample share - source share| of any stratum")
+    max_activation_ratio: float | None = Field(None, ge=1.0, description="largest allowed ratio (either way) between a Linear layer's input abs-max on the calibration sample and on a held-out sample of the same size")
+    action: Literal["warn", "stop"] = Field("warn", description="what a failed threshold does: warn, or stop the run before quantization")
+    activation_samples: int = Field(128, ge=1, le=4096, description="texts per side for the activation-range comparison (runs when max_activation_ratio is set or the source is request_log)")
+
+
 class CalibrationSpec(Strict):
-    source: Literal["pydoc_topics", "files", "hub"] = Field(description="pydoc_topics: prose shipped with CPython; files: local jsonl/parquet/txt; hub: a dataset id")
-    paths: list[str] = Field(default_factory=list, description="files: jsonl, parquet or txt files")
+    source: Literal["pydoc_topics", "files", "hub", "request_log"] = Field(description="pydoc_topics: prose shipped with CPython; files: local jsonl/parquet/txt; hub: a dataset id; request_log: JSON Lines of OpenAI-style requests (prompt or messages) from production")
+    paths: list[str] = Field(default_factory=list, description="files: jsonl, parquet or txt files; request_log: .jsonl request logs")
     text_field: str = Field("text", description="column holding the text in jsonl/parquet/hub data")
     dataset: str | None = Field(None, description="hub: dataset id")
     dataset_config: str | None = Field(None, description="hub: dataset config name")
     split: str = Field("train", description="hub: split to read")
     revision: str | None = Field(None, description="hub: dataset revision (pin it for a stable cache key)")
-    samples: int = Field(64, ge=1, le=100_000, description="calibration examples to draw")
+    samples: int = Field(64, ge=1, le=100_000, description="calibration examples to draw (request_log: 512 unless set)")
     max_tokens: int = Field(256, ge=8, le=32_768, description="examples are truncated to this many tokens")
-    min_chars: int = Field(200, ge=0, description="drop shorter texts (headings, fragments)")
+    min_chars: int = Field(200, ge=0, description="drop shorter texts (headings, fragments); request_log: 0 unless set, measured on the request's own text")
     seed: int = Field(1234, description="sampling seed")
     holdout_fraction: float = Field(0.2, gt=0.0, lt=0.9, description="share of the deduplicated source kept out of calibration, for evaluation")
     batch_size: int = Field(8, ge=1, description="calibration forward batch size")
+    request_log: RequestLogSpec | None = Field(None, description="request_log: stratification, deduplication, redaction and size options")
+    representativeness: RepresentativenessSpec = Field(default_factory=RepresentativenessSpec, description="thresholds that turn the representativeness report into a warning or a stop before quantization")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _request_log_defaults(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("source") == "request_log":
+            data = {"samples": 512, "min_chars": 0, **data}
+        return data
 
     @model_validator(mode="after")
     def _source_fields(self) -> "CalibrationSpec":
@@ -90,7 +131,14 @@ class CalibrationSpec(Strict):
             raise ValueError("calibration.paths needs at least one file when calibration.source is 'files'")
         if self.source == "hub" and not self.dataset:
             raise ValueError("calibration.dataset is required when calibration.source is 'hub'")
+        if self.source == "request_log" and not self.paths:
+            raise ValueError("calibration.paths needs at least one .jsonl request log when calibration.source is 'request_log'")
+        if self.request_log is not None and self.source != "request_log":
+            raise ValueError("calibration.request_log applies only when calibration.source is 'request_log'")
         return self
+
+    def request_log_options(self) -> RequestLogSpec:
+        return self.request_log or RequestLogSpec()
 
 
 class QuantizationSpec(Strict):
@@ -122,6 +170,17 @@ class TargetSpec(Strict):
     max_seq_len: int = Field(2048, ge=16)
     max_num_tokens: int = Field(4096, ge=16)
     kv_cache_dtype: Literal["auto", "fp8"] = Field("auto")
+    engine: Literal["profile", "legacy"] = Field("profile", description=(
+        "trtllm only. profile: deployment profile for the PyTorch runtime (TensorRT-LLM >= 1.2): checkpoint + "
+        "runtime options + autotuner cache; legacy: a TensorRT engine (rank*.engine) built with pinned TensorRT-LLM "
+        "<= 1.2, the only path that serves INT8-SmoothQuant"))
+
+    @model_validator(mode="after")
+    def _engine_needs_trtllm(self) -> "TargetSpec":
+        if self.engine == "legacy" and self.backend != "trtllm":
+            raise ValueError(f"engine 'legacy' is a TensorRT-LLM engine; target '{self.name}' has backend "
+                             f"'{self.backend}' (set backend: trtllm, or drop engine)")
+        return self
 
     @field_validator("name")
     @classmethod
@@ -139,11 +198,32 @@ class EvaluationSpec(Strict):
 
 
 class LatencySpec(Strict):
-    requests: int = Field(8, ge=1, description="measured requests (after warm-up)")
+    concurrency: list[int] = Field(default_factory=lambda: [1], description="closed-loop load profiles: requests in flight at once")
+    request_rates: list[float] = Field(default_factory=list, description="open-loop load profiles: Poisson arrivals at these requests/s")
+    requests: int = Field(8, ge=1, description="measured requests per load profile (after warm-up)")
     warmup: int = Field(2, ge=0, description="requests sent first and not measured")
-    input_tokens: int = Field(64, ge=1)
+    input_tokens: int = Field(64, ge=1, description="every prompt has exactly this many tokens")
     output_tokens: int = Field(32, ge=2, description="every request generates exactly this many tokens (EOS ignored)")
-    seed: int = Field(0)
+    seed: int = Field(0, description="seeds the prompts and the Poisson arrivals")
+
+    @field_validator("concurrency", "request_rates", mode="before")
+    @classmethod
+    def _scalar_to_list(cls, value: Any) -> Any:
+        return [value] if isinstance(value, (int, float)) else value
+
+    @field_validator("concurrency")
+    @classmethod
+    def _positive(cls, value: list[int]) -> list[int]:
+        if not value or any(c < 1 for c in value):
+            raise ValueError("need at least one concurrency level, each >= 1")
+        return value
+
+    @field_validator("request_rates")
+    @classmethod
+    def _positive_rates(cls, value: list[float]) -> list[float]:
+        if any(r <= 0 for r in value):
+            raise ValueError("request rates must be > 0 requests/s")
+        return value
 
 
 class TaskGate(Strict):
@@ -164,14 +244,20 @@ class AccuracyGates(Strict):
 
 
 class LatencyGates(Strict):
-    ttft_p95_ms: float | None = Field(None, gt=0)
-    tpot_p95_ms: float | None = Field(None, gt=0)
-    min_speedup: float | None = Field(None, ge=0, description="candidate output tokens/s over the baseline's on the same target")
+    at_concurrency: int | None = Field(None, ge=1, description="the load profile the SLOs apply to (default: the highest of latency.concurrency)")
+    ttft_p95_ms: float | None = Field(None, gt=0, description="SLO: p95 time to first token")
+    tpot_p95_ms: float | None = Field(None, gt=0, description="SLO: p95 time per output token (first token excluded)")
+    min_speedup: float | None = Field(None, ge=0, description="candidate output tokens/s over the baseline's on the same target, at the same load")
 
 
 class GatesSpec(Strict):
     accuracy: AccuracyGates = Field(default_factory=AccuracyGates)
     latency: LatencyGates = Field(default_factory=LatencyGates)
+
+
+class LadderSpec(Strict):
+    strategy: Literal["first_passing", "best_measured"] = Field("first_passing", description="first_passing: stop at the most aggressive format that passes every gate; best_measured: evaluate every valid format and pick the passing one with the best measured serving metric")
+    metric: Literal["output_tokens_per_s", "ttft_ms_p95", "tpot_ms_p95"] = Field("output_tokens_per_s", description="best_measured: the serving metric to optimise, at the gated load profile")
 
 
 class RegistrySpec(Strict):
@@ -188,6 +274,7 @@ class Recipe(Strict):
     evaluation: EvaluationSpec
     latency: LatencySpec = Field(default_factory=LatencySpec)
     gates: GatesSpec = Field(default_factory=GatesSpec)
+    ladder: LadderSpec = Field(default_factory=LadderSpec)
     registry: RegistrySpec
 
     @model_validator(mode="after")
@@ -196,10 +283,18 @@ class Recipe(Strict):
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
             raise ValueError(f"targets: names must be unique; repeated: {dupes}")
+        at = self.gates.latency.at_concurrency
+        if at is not None and at not in self.latency.concurrency:
+            raise ValueError(f"gates.latency.at_concurrency={at} is not one of latency.concurrency {self.latency.concurrency}")
         unknown = sorted(set(self.gates.accuracy.tasks) - set(self.evaluation.tasks))
         if unknown:
             raise ValueError(f"gates.accuracy.tasks names {unknown}, which are not in evaluation.tasks {self.evaluation.tasks}")
         return self
+
+    @property
+    def gated_load(self) -> str:
+        """The latency summary key the SLO and speedup gates read."""
+        return f"concurrency={self.gates.latency.at_concurrency or max(self.latency.concurrency)}"
 
     def digest(self) -> str:
         return hashlib.sha256(json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()

@@ -130,7 +130,14 @@ def register_version(*, name: str, profile_dir: str, fingerprint: str, run_id: s
     if existing:
         return str(existing[0].version), False
     all_tags = {k: str(v) for k, v in tags.items() if v is not None} | {"artifact_fingerprint": fingerprint}
-    version = c.create_model_version(name, source=Path(profile_dir).resolve().as_uri(), run_id=run_id, tags=all_tags)
+    source = Path(profile_dir).resolve().as_uri()
+    if tracking_uri().startswith(("http://", "https://")):
+        # A tracking server accepts only sources inside the run's artifacts: the manifest goes there, and the
+        # profile's place in the shared store is kept as a tag.
+        c.log_artifact(run_id, str(Path(profile_dir) / store.MANIFEST), "profile")
+        all_tags["profile_uri"] = source
+        source = f"runs:/{run_id}/profile"
+    version = c.create_model_version(name, source=source, run_id=run_id, tags=all_tags)
     return str(version.version), True
 
 
@@ -138,9 +145,13 @@ def _rank(tags: dict) -> tuple:
     return (FORMAT_COST.get(tags.get("quant_format", ""), 8), float(tags.get("accuracy_degradation", "inf")))
 
 
-def promote(*, name: str, version: str, alias: str, challenger_alias: str) -> dict:
-    """Move `alias` to `version` when it beats the current champion (cheaper format, then smaller degradation);
-    otherwise point `challenger_alias` at it. Returns what happened."""
+def promote(*, name: str, version: str, alias: str, challenger_alias: str, rank=None) -> dict:
+    """Move `alias` to `version` when it beats the current champion; otherwise point `challenger_alias` at it.
+
+    `rank(tags) -> tuple` orders versions, smaller is better (default: cheaper format, then smaller degradation).
+    Returns what happened.
+    """
+    rank = rank or _rank
     c = client()
     candidate = c.get_model_version(name, version)
     try:
@@ -149,7 +160,7 @@ def promote(*, name: str, version: str, alias: str, challenger_alias: str) -> di
         champion = None
     if champion is not None and str(champion.version) == str(version):
         return {"alias": alias, "action": "kept", "version": version, "previous": version}
-    if champion is None or _rank(candidate.tags) < _rank(champion.tags):
+    if champion is None or rank(candidate.tags) < rank(champion.tags):
         c.set_registered_model_alias(name, alias, version)
         return {"alias": alias, "action": "moved", "version": version,
                 "previous": None if champion is None else str(champion.version)}
@@ -166,7 +177,8 @@ def resolve(*, name: str, arch: str, prefix: str = "champion", tp: int = 1) -> d
         version = c.get_model_version_by_alias(name, alias)
     except MlflowException:
         raise LookupError(f"registered model '{name}' has no '{alias}' alias: nothing is certified for {arch}") from None
-    return {"name": name, "version": str(version.version), "alias": alias, "source": version.source,
+    return {"name": name, "version": str(version.version), "alias": alias,
+            "source": version.tags.get("profile_uri", version.source),
             "tags": dict(version.tags), "run_id": version.run_id}
 
 
@@ -177,3 +189,24 @@ def find_versions(filter_string: str) -> list[dict]:
 
 def dumps(obj) -> str:
     return json.dumps(obj, indent=2, sort_keys=True, default=str)
+
+
+def log_representativeness(run_id: str, *, report: dict, markdown: str, strata: list[dict], layers: list[dict],
+                           metrics: dict, status: str, figure=None) -> None:
+    """The calibration set's representativeness report on the pipeline run: the report (JSON and markdown), the
+    strata and activation-range tables, ``representativeness.*`` metrics, a status tag and the plot (PNG)."""
+    import pandas as pd
+
+    c = client()
+    c.log_dict(run_id, report, "representativeness/report.json")
+    c.log_text(run_id, markdown, "representativeness/report.md")
+    c.log_table(run_id, pd.DataFrame(strata), "representativeness/strata.json")
+    if layers:
+        c.log_table(run_id, pd.DataFrame(layers), "representativeness/activation_ranges.json")
+    log_metrics(run_id, {f"representativeness.{k}": v for k, v in metrics.items()})
+    c.set_tag(run_id, "calibration.representativeness", status)
+    if figure is not None:
+        import matplotlib.pyplot as plt
+
+        c.log_figure(run_id, figure, "representativeness/report.png")
+        plt.close(figure)

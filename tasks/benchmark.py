@@ -1,16 +1,23 @@
-"""Validate (latency): fixed-length requests against a built profile, summarised with the serving metric definitions.
+"""Validate (latency): load through the profile's OpenAI-compatible streaming endpoint, with serving metric definitions.
 
-Definitions (as in vLLM's `bench serve`, GuideLLM and AIPerf): TTFT = first token arrival - request start;
-TPOT = (E2E - TTFT) / (N - 1), so the first token is excluded; ITL = gaps between consecutive tokens (pooled over
-requests); E2E = last token arrival - start; output tokens/s = all output tokens / wall duration of the measured
-requests. Warm-up requests are sent first and excluded.
+Every backend is driven the same way: the backend's `serve()` starts its server (trtllm-serve, or the reference
+server), and this client sends fixed-length streaming completions (EOS ignored) under each load profile of the
+recipe: closed-loop fixed concurrency levels and open-loop Poisson arrival rates (seeded).
+
+Definitions (those of vLLM's `bench serve`): TTFT = first streamed chunk with a choice - request start;
+TPOT = (E2E - TTFT) / (N - 1) with N the output tokens, so the first token is excluded; ITL = gaps between
+consecutive chunks, pooled over requests; E2E = last chunk - start; output tokens/s and requests/s over the wall
+duration of the measured requests. Warm-up requests go first and are excluded; failed requests are counted.
+Why our own client rather than GuideLLM or AIPerf: see the README ("Latency benchmark").
 """
 
 from __future__ import annotations
 
+import asyncio
+import json
 import logging
-import sys
 import random
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,23 +35,24 @@ PERCENTILES = (50, 90, 95, 99)
 @dataclass(frozen=True)
 class LatencyResult:
     path: str
-    summary: dict  # ttft_ms_p50, ..., tpot_ms_p95, output_tokens_per_s, requests_per_s, runtime
+    summary: dict  # per load profile ("concurrency=1", "rate=2.0"): ttft_ms_p50..p99, tpot_*, itl_*, e2e_*, tok/s
     seconds: float
     cached: bool = False
 
 
-def request_metrics(start: float, token_times: list[float]) -> dict:
-    n = len(token_times)
+def request_metrics(start: float, token_times: list[float], output_tokens: int | None = None) -> dict:
+    n = output_tokens or len(token_times)
     ttft = token_times[0] - start
     e2e = token_times[-1] - start
     return {"ttft": ttft, "e2e": e2e, "output_tokens": n,
             "tpot": (e2e - ttft) / (n - 1) if n > 1 else None,
-            "itl": list(np.diff(token_times)) if n > 1 else []}
+            "itl": list(np.diff(token_times)) if len(token_times) > 1 else []}
 
 
 def summarize(records: list[dict], duration: float) -> dict:
     """Percentiles (ms) of TTFT, TPOT, ITL and E2E, plus throughput, from per-request token arrival times."""
-    per_request = [request_metrics(r["start"], r["token_times"]) for r in records if r["token_times"]]
+    per_request = [request_metrics(r["start"], r["token_times"], r.get("output_tokens"))
+                   for r in records if r["token_times"] and not r.get("error")]
     failed = len(records) - len(per_request)
     summary: dict = {"requests": len(per_request), "failed": failed, "duration_s": duration}
     series = {"ttft": [m["ttft"] for m in per_request], "e2e": [m["e2e"] for m in per_request],
@@ -71,6 +79,67 @@ def fixed_length_prompts(texts: list[str], tokenizer, *, count: int, input_token
     return [ids[o:o + input_tokens] for o in (rng.randrange(0, len(ids) - input_tokens) for _ in range(count))]
 
 
+async def stream_completion(client, base_url: str, model: str, prompt: list[int], output_tokens: int) -> dict:
+    """One streaming request; returns start time, arrival time of each chunk, usage tokens, error, parse time."""
+    payload = {"model": model, "prompt": prompt, "max_tokens": output_tokens, "min_tokens": output_tokens,
+               "ignore_eos": True, "temperature": 0, "stream": True, "stream_options": {"include_usage": True}}
+    record = {"start": time.perf_counter(), "token_times": [], "output_tokens": None, "error": None, "parse_s": 0.0}
+    try:
+        async with client.stream("POST", f"{base_url}/completions", json=payload) as response:
+            if response.status_code != 200:
+                record["error"] = f"HTTP {response.status_code}: {(await response.aread())[:200]!r}"
+                return record
+            async for line in response.aiter_lines():
+                arrived = time.perf_counter()
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                chunk = json.loads(line[6:])
+                if chunk.get("choices"):
+                    record["token_times"].append(arrived)
+                if chunk.get("usage"):
+                    record["output_tokens"] = chunk["usage"].get("completion_tokens")
+                record["parse_s"] += time.perf_counter() - arrived
+    except Exception as exc:  # a failed request is a result to count, not a crash
+        record["error"] = f"{type(exc).__name__}: {exc}"
+    if not record["token_times"] and not record["error"]:
+        record["error"] = "no chunk with a choice was received"
+    return record
+
+
+async def run_load(base_url: str, model: str, prompts: list[list[int]], *, output_tokens: int,
+                   concurrency: int | None = None, rate: float | None = None, seed: int = 0,
+                   timeout_s: float = 600) -> tuple[list[dict], float]:
+    """Closed loop at `concurrency`, or open loop with Poisson arrivals at `rate` requests/s. Returns records and
+    the wall duration from the first dispatch to the last completion."""
+    import httpx
+
+    limits = httpx.Limits(max_connections=max(concurrency or 0, 64))
+    async with httpx.AsyncClient(timeout=timeout_s, limits=limits, trust_env=False) as client:
+        started = time.perf_counter()
+        if rate is None:
+            gate = asyncio.Semaphore(concurrency or 1)
+
+            async def closed(p):
+                async with gate:
+                    return await stream_completion(client, base_url, model, p, output_tokens)
+
+            records = await asyncio.gather(*(closed(p) for p in prompts))
+        else:
+            gaps = np.random.default_rng(seed).exponential(1.0 / rate, size=len(prompts))
+
+            async def opened(p, at):
+                await asyncio.sleep(max(0.0, started + at - time.perf_counter()))
+                return await stream_completion(client, base_url, model, p, output_tokens)
+
+            records = await asyncio.gather(*(opened(p, at) for p, at in zip(prompts, np.cumsum(gaps) - gaps[0])))
+        return list(records), time.perf_counter() - started
+
+
+def load_profiles(spec: LatencySpec) -> dict[str, dict]:
+    return ({f"concurrency={c}": {"concurrency": c} for c in spec.concurrency}
+            | {f"rate={r:g}": {"rate": r} for r in spec.request_rates})
+
+
 def cache_key(*, profile_fp: str, spec: LatencySpec, holdout_digest: str, device: dict) -> str:
     return store.key_of("latency", profile_fp, spec.model_dump(mode="json"), holdout_digest, device["arch"],
                         device.get("gpu_name"), device.get("cpu"), store.source_digest(sys.modules[__name__]))
@@ -78,7 +147,7 @@ def cache_key(*, profile_fp: str, spec: LatencySpec, holdout_digest: str, device
 
 def measure_latency(*, profile_dir: str, profile_fp: str, backend_name: str, spec: LatencySpec, holdout_file: str,
                     holdout_digest: str, device: dict) -> LatencyResult:
-    """Measure one profile on this machine; cached by profile, load spec, prompts and machine."""
+    """Measure one profile on this machine through its endpoint; cached by profile, load spec, prompts, machine."""
     key = cache_key(profile_fp=profile_fp, spec=spec, holdout_digest=holdout_digest, device=device)
     out = store.stage_dir("latency", key)
     manifest = store.read_manifest(out)
@@ -91,23 +160,33 @@ def measure_latency(*, profile_dir: str, profile_fp: str, backend_name: str, spe
 def _run(profile_dir, backend_name, spec, holdout_file, key, out) -> dict:
     from transformers import AutoTokenizer
 
+    from tasks.backends.server import free_port
     from tasks.build import backend, verify_artifact
 
     manifest = verify_artifact(profile_dir)
-    impl = backend(backend_name)
     tokenizer = AutoTokenizer.from_pretrained(Path(profile_dir) / "checkpoint")
     texts = pd.read_parquet(holdout_file)["text"].tolist()
-    prompts = fixed_length_prompts(texts, tokenizer, count=spec.warmup + spec.requests,
-                                   input_tokens=spec.input_tokens, seed=spec.seed)
     started = time.perf_counter()
-    records = impl.time_generation(Path(profile_dir), prompts, output_tokens=spec.output_tokens, warmup=spec.warmup)
-    measured_from = records[0]["start"]
-    duration = max(r["token_times"][-1] for r in records if r["token_times"]) - measured_from
-    summary = summarize(records, duration) | {
-        "runtime": f"{backend_name} ({manifest['target']['arch']})", "concurrency": 1,
-        "input_tokens": spec.input_tokens, "output_tokens_per_request": spec.output_tokens}
+    summary: dict = {}
+    rows = []
     with store.atomic_dir(out) as tmp:
-        pd.DataFrame([{"start": r["start"], "token_times": r["token_times"]} for r in records]).to_parquet(
-            tmp / "requests.parquet", index=False)
+        with backend(backend_name).serve(Path(profile_dir), port=free_port(), log_file=tmp / "server.log") as url:
+            for i, (name, load) in enumerate(load_profiles(spec).items()):
+                prompts = fixed_length_prompts(texts, tokenizer, count=spec.warmup + spec.requests,
+                                               input_tokens=spec.input_tokens, seed=spec.seed + i)
+                warm, measured = prompts[:spec.warmup], prompts[spec.warmup:]
+                if warm:
+                    asyncio.run(run_load(url, "profile", warm, output_tokens=spec.output_tokens, concurrency=1))
+                records, duration = asyncio.run(run_load(url, "profile", measured, output_tokens=spec.output_tokens,
+                                                         seed=spec.seed + i, **load))
+                chunks = sum(len(r["token_times"]) for r in records)
+                summary[name] = summarize(records, duration) | load | {
+                    "client_parse_ms_per_chunk": 1000 * sum(r["parse_s"] for r in records) / max(chunks, 1),
+                    "errors": sorted({r["error"] for r in records if r["error"]})[:5]}
+                rows += [{"profile": name, "start": r["start"], "token_times": r["token_times"],
+                          "output_tokens": r["output_tokens"], "error": r["error"]} for r in records]
+        summary["runtime"] = f"{backend_name} ({manifest['target']['arch']})"
+        summary["input_tokens"], summary["output_tokens_per_request"] = spec.input_tokens, spec.output_tokens
+        pd.DataFrame(rows).to_parquet(tmp / "requests.parquet", index=False)
         return store.write_manifest(tmp, {"stage": "latency", "key": key, "summary": summary,
                                           "seconds": round(time.perf_counter() - started, 2)})

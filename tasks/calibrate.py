@@ -2,11 +2,17 @@
 
 The held-out split is chosen by hashing each text with the seed, so it does not depend on the order of the source or
 on N: calibration never sees a held-out text, whatever the sample size.
+
+Production request logs (``source: request_log``) are read in one streaming pass with a stratified, deduplicating,
+redacting sampler (tasks/request_log.py). Every source also stores what the representativeness report
+(tasks/representativeness.py) compares the sample against: a reference sample of the source with exact token counts
+(``reference.parquet``), and for request logs the first-N slice and the per-stratum counts of the whole log.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import random
 import sys
@@ -17,9 +23,11 @@ from pathlib import Path
 import pandas as pd
 
 from recipes.schema import CalibrationSpec, resolve_path
-from tasks import store
+from tasks import request_log, store
 
 log = logging.getLogger(__name__)
+
+REFERENCE_SAMPLES = 10_000  # non-request-log sources: distinct texts tokenized for the report's reference sample
 
 
 @dataclass(frozen=True)
@@ -68,8 +76,8 @@ def _hub_texts(spec: CalibrationSpec) -> list[str]:
 def source_fingerprint(spec: CalibrationSpec, base_dir: Path) -> str:
     if spec.source == "pydoc_topics":
         return store.key_of("pydoc_topics", _pydoc_paragraphs())
-    if spec.source == "files":
-        return store.key_of("files", [store.sha256_file(resolve_path(p, base_dir)) for p in spec.paths])
+    if spec.source in ("files", "request_log"):
+        return store.key_of(spec.source, [store.sha256_file(resolve_path(p, base_dir)) for p in spec.paths])
     return store.key_of("hub", spec.dataset, spec.dataset_config, spec.split, spec.revision)
 
 
@@ -105,7 +113,8 @@ def split_and_sample(texts: list[str], spec: CalibrationSpec) -> tuple[list[str]
 
 def calibrate(spec: CalibrationSpec, *, model_dir: str, base_dir: Path) -> CalibrationArtifact:
     """Build the calibration set (parquet) and the held-out split, keyed by source content, sampling and tokenizer."""
-    key = store.key_of("calibrate", source_fingerprint(spec, base_dir), spec.model_dump(mode="json"),
+    sampling = spec.model_dump(mode="json", exclude={"representativeness"})  # thresholds do not change the set
+    key = store.key_of("calibrate", source_fingerprint(spec, base_dir), sampling,
                        tokenizer_fingerprint(Path(model_dir)), store.source_digest(sys.modules[__name__]))
     out = store.stage_dir("calibration", key)
     manifest = store.read_manifest(out)
@@ -121,14 +130,37 @@ def calibrate(spec: CalibrationSpec, *, model_dir: str, base_dir: Path) -> Calib
 def _build(spec: CalibrationSpec, model_dir: str, base_dir: Path, key: str, out: Path) -> dict:
     from transformers import AutoTokenizer
 
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    if spec.source == "request_log":
+        return _build_request_log(spec, tokenizer, base_dir, key, out)
     loaders = {"pydoc_topics": lambda: _pydoc_paragraphs(), "files": lambda: _file_texts(spec, base_dir),
                "hub": lambda: _hub_texts(spec)}
     texts = loaders[spec.source]()
     sample, holdout, counts = split_and_sample(texts, spec)
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    lengths = [len(ids) for ids in tokenizer(sample, add_special_tokens=False)["input_ids"]]
-    calib = pd.DataFrame({"text": sample, "n_tokens": lengths,
-                          "truncated": [n > spec.max_tokens for n in lengths]})
+    count = request_log.tokenizer_counter(tokenizer)
+    lengths = count(sample)
+    normalised = (_normalise(t) for t in texts if t and t.strip())
+    usable = list(dict.fromkeys(t for t in normalised if len(t) >= spec.min_chars))
+    reference = random.Random(spec.seed).sample(usable, min(len(usable), REFERENCE_SAMPLES))
+    edges = request_log.DEFAULT_LENGTH_BUCKETS
+    names = request_log.length_bucket_names(edges)
+    reference_tokens = count(reference)
+    report_inputs = {
+        "reference": pd.DataFrame({"n_tokens": reference_tokens,
+                                   "stratum": [request_log.length_bucket(n, edges, names) for n in reference_tokens]}),
+        "source": {"source": spec.source, "duplicates": {
+            "source_texts": counts["source_texts"], "duplicates_removed": counts["duplicates_removed"],
+            "duplicate_rate": round(counts["duplicates_removed"] / max(1, counts["source_texts"]), 4),
+            "dropped_short_or_empty": counts["dropped_short_or_empty"]}},
+    }
+    strata = [request_log.length_bucket(n, edges, names) for n in lengths]
+    return _write(spec, key, out, sample, lengths, strata, holdout, counts, report_inputs)
+
+
+def _write(spec: CalibrationSpec, key: str, out: Path, sample: list[str], lengths: list[int], strata: list[str],
+           holdout: list[str], counts: dict, report_inputs: dict, extra_columns: dict | None = None) -> dict:
+    calib = pd.DataFrame({"text": sample, "n_tokens": lengths, "truncated": [n > spec.max_tokens for n in lengths],
+                          "stratum": strata, **(extra_columns or {})})
     quantiles = calib["n_tokens"].quantile([0.0, 0.5, 0.9, 1.0]).round().astype(int).tolist()
     stats = counts | {
         "count": len(calib),
@@ -138,6 +170,10 @@ def _build(spec: CalibrationSpec, model_dir: str, base_dir: Path, key: str, out:
     with store.atomic_dir(out) as tmp:
         calib.to_parquet(tmp / "calibration.parquet", index=False)
         pd.DataFrame({"text": holdout}).to_parquet(tmp / "holdout.parquet", index=False)
+        report_inputs["reference"].to_parquet(tmp / "reference.parquet", index=False)
+        if "first_n" in report_inputs:
+            report_inputs["first_n"].to_parquet(tmp / "first_n.parquet", index=False)
+        (tmp / "source.json").write_text(json.dumps(report_inputs["source"], indent=1, sort_keys=True))
         manifest = store.write_manifest(tmp, {
             "stage": "calibrate", "key": key, "spec": spec.model_dump(mode="json"), "stats": stats,
             "digest": store.key_of(sample, spec.max_tokens), "holdout_digest": store.key_of(holdout),
@@ -145,3 +181,49 @@ def _build(spec: CalibrationSpec, model_dir: str, base_dir: Path, key: str, out:
     log.info("calibration set: %d texts, tokens p50 %d, %d duplicates removed, %d held out",
              stats["count"], stats["tokens_p50"], stats["duplicates_removed"], stats["holdout"])
     return manifest
+
+
+def _build_request_log(spec: CalibrationSpec, tokenizer, base_dir: Path, key: str, out: Path) -> dict:
+    """One streaming pass over the logs (bounded memory), then exact token counts of what was kept."""
+    options = request_log.SamplingOptions.from_spec(spec)
+    paths = [resolve_path(p, base_dir) for p in spec.paths]
+    try:
+        result = request_log.sample_log(paths, options, tokenizer)
+    except request_log.ChatTemplateMissing as exc:
+        raise ValueError(str(exc)) from None
+    c = result.counts
+    if len(result.texts) < spec.samples:
+        raise ValueError(f"calibration.samples: asked for {spec.samples} but only {len(result.texts)} usable distinct "
+                         f"requests remain in the log after dropping {c.get('empty', 0)} empty, "
+                         f"{c.get('over_long', 0)} over-long and {c.get('malformed', 0)} malformed records, "
+                         f"{c['near_duplicates_removed']} near duplicates and the holdout "
+                         f"({c.get('holdout_records', 0)} records)")
+    if not result.holdout:
+        raise ValueError("calibration.holdout_fraction: no request of the log fell in the held-out split; "
+                         "raise holdout_fraction or use a larger log")
+    duplicates = {k: c.get(k, 0) for k in (
+        "records", "usable", "empty", "over_long", "malformed", "unsupported", "template_error", "pool_records",
+        "holdout_records", "distinct_estimate", "duplicate_rate_estimate", "exact_duplicates_in_candidates",
+        "candidates_examined", "near_duplicates_removed", "near_duplicate_rate", "holdout_near_duplicates_removed",
+        "chars_per_token")} | {f"redacted_{k}": v for k, v in sorted(result.redactions.items())}
+    counts = {
+        "source_texts": c["records"], "usable": c["usable"],
+        "dropped_short_or_empty": c.get("empty", 0), "dropped_over_long": c.get("over_long", 0),
+        "dropped_malformed": c.get("malformed", 0) + c.get("unsupported", 0) + c.get("template_error", 0),
+        "duplicates_removed": c["exact_duplicates_in_candidates"] + c["near_duplicates_removed"],
+        "near_duplicates_removed": c["near_duplicates_removed"],
+        "duplicate_rate_estimate": c["duplicate_rate_estimate"],
+        "holdout": len(result.holdout), "holdout_records": c.get("holdout_records", 0),
+        "pool": c.get("pool_records", 0), "strata": len(result.source_strata),
+        "redacted": sum(result.redactions.values()),
+    }
+    report_inputs = {
+        "reference": pd.DataFrame({"n_tokens": list(result.reference_tokens),
+                                   "stratum": list(result.reference_strata)}),
+        "first_n": pd.DataFrame({"n_tokens": list(result.first_n_tokens), "stratum": list(result.first_n_strata)}),
+        "source": {"source": "request_log", "strata": result.source_strata, "duplicates": duplicates,
+                   "stratify_by": list(options.stratify_by), "length_buckets": list(options.length_buckets),
+                   "token_lengths": options.token_lengths},
+    }
+    return _write(spec, key, out, list(result.texts), list(result.n_tokens), list(result.strata), list(result.holdout),
+                  counts, report_inputs, {"occurrences": list(result.occurrences)})

@@ -27,7 +27,13 @@ MIN_SM: dict[str, tuple[int, str]] = {
     "int8_sq": (80, "INT8-SmoothQuant needs Ampere or newer (sm_80+)"),
 }
 LEGACY_ENGINE_ONLY = {"int8_sq": "INT8-SmoothQuant is served only by TensorRT-LLM's legacy TensorRT-engine path "
-                                 "(TRT-LLM <= 1.2); the PyTorch runtime has no SmoothQuant kernels"}
+                                 "(TRT-LLM <= 1.2; set targets[].engine: legacy); the PyTorch runtime has no "
+                                 "SmoothQuant kernels"}
+# TensorRT-LLM's legacy engine builder (tensorrt_llm/builder.py::build, 1.x) raises on SM 100-119 for INT8/INT4
+# weight-only, INT8 KV cache, SmoothQuant and per-channel/per-token scaling (reference section 1.7). Its check is
+# `100 <= sm < 120`: sm_120 is not covered by it.
+LEGACY_REFUSED_SM = range(100, 120)
+LEGACY_REFUSED = {"int8_sq": "SmoothQuant", "int4_awq": "INT4 weight-only (W4A16 AWQ)"}
 CUDA_CALIBRATION = {"nvfp4": "NVFP4 calibration needs CUDA (ModelOpt's FP4 kernels); this run quantizes on the CPU"}
 
 
@@ -46,17 +52,21 @@ def sm_number(arch: str) -> int | None:
     return int(match.group(1)) if match else None
 
 
-def invalid_reason(fmt: str, arch: str, *, backend: str, quant_device: str) -> str | None:
-    """Why this format cannot be built/served for this arch and backend, or None when it can."""
+def invalid_reason(fmt: str, arch: str, *, backend: str, quant_device: str, engine: str = "profile") -> str | None:
+    """Why this format cannot be built/served for this arch, backend and engine kind, or None when it can."""
     if fmt in CUDA_CALIBRATION and quant_device != "cuda":
         return CUDA_CALIBRATION[fmt]
     sm = sm_number(arch)
-    if sm is not None:
-        need, why = MIN_SM[fmt]
-        if sm < need:
-            return f"{why}; target is {arch}"
-        if backend == "trtllm" and fmt in LEGACY_ENGINE_ONLY:
-            return LEGACY_ENGINE_ONLY[fmt]
+    if sm is None:
+        return f"TensorRT-LLM runs only on NVIDIA GPUs; target is {arch}" if backend == "trtllm" else None
+    need, why = MIN_SM[fmt]
+    if sm < need:
+        return f"{why}; target is {arch}"
+    if backend == "trtllm" and engine != "legacy" and fmt in LEGACY_ENGINE_ONLY:
+        return LEGACY_ENGINE_ONLY[fmt]
+    if backend == "trtllm" and engine == "legacy" and sm in LEGACY_REFUSED_SM and fmt in LEGACY_REFUSED:
+        return (f"TensorRT-LLM's legacy engine builder refuses {LEGACY_REFUSED[fmt]} on SM 100-119 "
+                f"(tensorrt_llm/builder.py); target is {arch}")
     return None
 
 
@@ -108,7 +118,8 @@ def make_plan(recipe, local: dict, *, dispatch: bool = False) -> Plan:
                     f"(PREFECT_API_URL) with a worker in that pool" if target.work_pool else
                     "set targets[].work_pool to a Prefect work pool whose workers have that GPU"))
         for fmt in recipe.quantization.formats:
-            reason = invalid_reason(fmt, arch, backend=target.backend, quant_device=local["device"])
+            reason = invalid_reason(fmt, arch, backend=target.backend, quant_device=local["device"],
+                                    engine=target.engine)
             reason = reason or plan.unplaced.get(target.name)
             plan.pairs.append(Pair(fmt, target.name, arch, reason))
     return plan

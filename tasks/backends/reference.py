@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import time
 from pathlib import Path
 from typing import Iterator
 
@@ -80,43 +79,14 @@ def lm_eval_model(profile_dir: Path, *, batch_size: int, max_length: int) -> Ite
         del model
 
 
-def time_generation(profile_dir: Path, prompts: list[list[int]], *, output_tokens: int, warmup: int) -> list[dict]:
-    """Generate exactly `output_tokens` per prompt (EOS ignored) and record when each token arrived.
+@contextlib.contextmanager
+def serve(profile_dir: Path, *, host: str = "127.0.0.1", port: int, log_file: Path) -> Iterator[str]:
+    """The profile behind an OpenAI-compatible endpoint (tasks/backends/reference_server.py); yields the base URL."""
+    import sys
 
-    Returns one record per measured request: start time and per-token arrival times (perf_counter seconds).
-    """
-    import torch
-    from transformers.generation.streamers import BaseStreamer
+    from tasks.backends.server import run_server
 
-    model, tokenizer = load_model(profile_dir)
-    device = next(model.parameters()).device
-
-    class Clock(BaseStreamer):
-        def __init__(self):
-            self.times: list[float] = []
-            self.prompt_seen = False
-
-        def put(self, value):
-            if not self.prompt_seen:  # generate() first passes the prompt through the streamer
-                self.prompt_seen = True
-                return
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            self.times.append(time.perf_counter())
-
-        def end(self):
-            pass
-
-    records = []
-    for i, ids in enumerate(prompts):
-        clock = Clock()
-        input_ids = torch.tensor([ids], device=device)
-        start = time.perf_counter()
-        with torch.no_grad():
-            model.generate(input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=output_tokens,
-                           min_new_tokens=output_tokens, do_sample=False, streamer=clock,
-                           pad_token_id=tokenizer.pad_token_id)
-        if i >= warmup:
-            records.append({"start": start, "token_times": clock.times})
-    del model
-    return records
+    cmd = [sys.executable, "-m", "tasks.backends.reference_server", "--profile", str(profile_dir), "--host", host,
+           "--port", str(port)]
+    with run_server(cmd, health_url=f"http://{host}:{port}/health", log_file=log_file):
+        yield f"http://{host}:{port}/v1"

@@ -56,3 +56,37 @@ def test_pooled_target_for_another_arch_is_unplaced_without_a_server():
     plan = make_plan(r, H100)
     assert "gpu-b200" in plan.unplaced["b200"] and not plan.runnable
     assert plan.formats_to_quantize == ["fp8", "nvfp4"]  # still quantized here, for the pool's workers
+
+
+def test_int8_sq_on_trtllm_is_valid_with_the_legacy_engine():
+    plan = make_plan(recipe(["int8_sq", "fp8"], [
+        {"name": "h100", "gpu": "H100", "backend": "trtllm", "engine": "legacy", "work_pool": "p"}]), H100)
+    assert [p.skip_reason for p in plan.pairs] == [None, None]
+
+
+def test_the_legacy_engine_refuses_smoothquant_and_int4_weight_only_on_sm100_to_119():
+    formats = ["int8_sq", "int4_awq", "fp8", "nvfp4"]
+    pools = [{"name": "b200", "gpu": "B200", "backend": "trtllm", "engine": "legacy", "work_pool": "gpu-b200"},
+             {"name": "b300", "gpu": "B300", "backend": "trtllm", "engine": "legacy", "work_pool": "gpu-b300"},
+             {"name": "rtx", "gpu": "RTX-PRO-6000", "backend": "trtllm", "engine": "legacy", "work_pool": "gpu-rtx"},
+             {"name": "b200-profile", "gpu": "B200", "backend": "trtllm", "work_pool": "gpu-b200"}]
+    plan = make_plan(recipe(formats, pools), {"arch": "sm_100", "device": "cuda"}, dispatch=True)
+    reasons = {(p.format, p.target): p.skip_reason for p in plan.pairs}
+    for t in ("b200", "b300"):
+        assert "SmoothQuant on SM 100-119" in reasons[("int8_sq", t)]
+        assert "INT4 weight-only (W4A16 AWQ) on SM 100-119" in reasons[("int4_awq", t)]
+        assert reasons[("fp8", t)] is None and reasons[("nvfp4", t)] is None
+    # TensorRT-LLM's builder check is 100 <= sm < 120: sm_120 is not refused by it
+    assert reasons[("int8_sq", "rtx")] is None and reasons[("int4_awq", "rtx")] is None
+    assert "engine: legacy" in reasons[("int8_sq", "b200-profile")] and reasons[("int4_awq", "b200-profile")] is None
+
+
+def test_trtllm_targets_need_a_gpu():
+    plan = make_plan(recipe(["int4_awq"], [{"name": "local", "backend": "trtllm"}]), CPU)
+    assert "NVIDIA GPUs" in plan.pairs[0].skip_reason
+
+
+def test_the_legacy_engine_is_a_trtllm_setting():
+    with pytest.raises(ValueError, match="engine 'legacy' is a TensorRT-LLM engine"):
+        recipe(["fp8"], [{"name": "h100", "gpu": "H100", "engine": "legacy"}])
+    assert recipe(["fp8"], [{"name": "h100"}]).targets[0].engine == "profile"

@@ -1,0 +1,87 @@
+"""Production commands, added to the `enginewright` CLI by flows/cli.py: `deploy` and `webhook serve`."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+console = Console(width=None if sys.stdout.isatty() else 200)
+PREFECT_FILE_HELP = "the deployments file (default: prefect.yaml in the project directory)"
+
+
+def deploy(prefect_file: Optional[Path] = typer.Option(None, "--prefect-file", help=PREFECT_FILE_HELP),
+           name: Optional[List[str]] = typer.Option(None, "--name", "-n", help="deploy only this entry (repeatable)"),
+           dry_run: bool = typer.Option(False, "--dry-run", help="print the deployments; register nothing")) -> None:
+    """Register the certify flow's deployments (schedule, parameter form, work pool per GPU type) on a Prefect server.
+
+    Each prefect.yaml entry becomes one deployment per work pool its recipe's targets use. Needs PREFECT_API_URL.
+    """
+    from flows import env
+    from flows.deploy import DeployError, apply, load_plan
+
+    env.configure(offline=True)
+    try:
+        plan = load_plan(prefect_file, only=name or None)
+    except DeployError as exc:
+        typer.echo(f"deploy error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    table = Table(title="deployments")
+    for col in ("deployment", "recipe", "model", "work pool", "targets", "schedules"):
+        table.add_column(col)
+    for d in plan.deployments:
+        schedules = ", ".join(s.get("cron") or str(s.get("interval") or s.get("rrule")) for s in d.schedules)
+        table.add_row(d.full_name, d.recipe_path, d.model, d.pool, ", ".join(d.targets), schedules or "-")
+    console.print(table)
+    if dry_run:
+        return
+    if not os.environ.get("PREFECT_API_URL"):
+        typer.echo("deploy error: PREFECT_API_URL is not set. Deployments need a Prefect server (the temporary "
+                   "local API runs no scheduler and no workers), e.g. PREFECT_API_URL=http://127.0.0.1:4200/api",
+                   err=True)
+        raise typer.Exit(2)
+    try:
+        done = apply(plan)
+    except DeployError as exc:
+        typer.echo(f"deploy error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    for d, deployment_id in done:
+        console.print(f"[green]deployed[/green] {d.full_name} ({deployment_id}) -> pool {d.pool}")
+    pools = sorted({d.pool for d in plan.deployments})
+    console.print("Start a worker per pool on hosts with that GPU, e.g. " +
+                  "; ".join(f"prefect worker start --pool {p}" for p in pools))
+
+
+def serve(host: str = typer.Option("127.0.0.1", help="address to bind (0.0.0.0 inside a container)"),
+          port: int = typer.Option(8088, help="port to listen on"),
+          prefect_file: Optional[Path] = typer.Option(None, "--prefect-file", help=PREFECT_FILE_HELP)) -> None:
+    """Receive signed CI webhooks ("model X has version V at L") and start the deployments that follow model X.
+
+    Needs PREFECT_API_URL and ENGINEWRIGHT_WEBHOOK_SECRET. See flows/webhook.py for the request format.
+    """
+    from flows import env
+    from flows.deploy import DeployError
+    from flows.webhook import serve as run_server
+
+    env.configure(offline=True)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    try:
+        run_server(host=host, port=port, prefect_file=prefect_file)
+    except (DeployError, ValueError) as exc:
+        typer.echo(f"webhook error: {exc}", err=True)
+        raise typer.Exit(2) from None
+
+
+def register(app: typer.Typer) -> None:
+    """Add `deploy` and `webhook serve` to the CLI."""
+    app.command(epilog="Example: PREFECT_API_URL=http://127.0.0.1:4200/api enginewright deploy")(deploy)
+    webhook = typer.Typer(no_args_is_help=True, help="The CI webhook receiver.")
+    webhook.command("serve", epilog="Example: ENGINEWRIGHT_WEBHOOK_SECRET=... PREFECT_API_URL=... "
+                                    "enginewright webhook serve --port 8088")(serve)
+    app.add_typer(webhook, name="webhook")

@@ -1,0 +1,259 @@
+"""CI webhook receiver: a signed "model X has version V at location L" starts the deployments that follow model X.
+
+Open-source Prefect has no webhooks, so this small ASGI app stands in front of the Prefect API.
+
+    POST /hooks/model-version
+    X-Enginewright-Timestamp: <unix seconds>
+    X-Enginewright-Signature: sha256=<hex of HMAC-SHA256(secret, "<timestamp>." + raw body)>
+    {"delivery_id": "ci-4711", "model": "smollm2-135m", "version": "2", "location": "/models/smollm2-135m/v2"}
+
+`model` is a recipe's `model.slug` (its `model.name`, else the file or repository name); every deployment of every
+recipe of that model (flows/deploy.py: one per work pool) gets a flow run with `model_version=version` and, when
+given, `model_location=location` (the recipe's model.path, or model.id for hub recipes); all other parameters are
+the deployment's defaults. `delivery_id` is the CI system's unique id for this delivery; repeating it starts
+nothing.
+
+Answers: 202 runs started {"flow_run_ids": [...], ...}; 200 already handled (the same ids); 400 malformed or
+invalid JSON ({"field": ...} names the field); 401 missing or wrong signature, or a timestamp further than the
+tolerance from now; 404 no recipe follows the model; 413 body too large; 502 the Prefect API refused (nothing is
+recorded, so the CI system may retry; each run's idempotency key keeps a retry from starting a run twice).
+
+Settings (environment): ENGINEWRIGHT_WEBHOOK_SECRET (required, at least 16 characters),
+ENGINEWRIGHT_WEBHOOK_TOLERANCE_S (300), ENGINEWRIGHT_WEBHOOK_MAX_BYTES (65536), ENGINEWRIGHT_WEBHOOK_DB
+(default $ENGINEWRIGHT_HOME/webhook/deliveries.db: the delivery ids already handled).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import logging
+import os
+import sqlite3
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Awaitable, Callable
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+
+log = logging.getLogger("enginewright.webhook")
+
+PATH = "/hooks/model-version"
+SIGNATURE_HEADER = "X-Enginewright-Signature"
+TIMESTAMP_HEADER = "X-Enginewright-Timestamp"
+
+# (deployment full name, parameters, idempotency key, tags) -> flow run id
+Launcher = Callable[[str, dict, str, list[str]], Awaitable[str]]
+
+
+class ModelVersionEvent(BaseModel):
+    """The body CI sends. Unknown fields are refused, so a misspelt one is reported rather than ignored."""
+    model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
+
+    delivery_id: str = Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9._:-]*$",
+                             description="unique per delivery; a repeated id is not run again")
+    model: str = Field(min_length=1, max_length=200, description="a recipe's model.slug, e.g. smollm2-135m")
+    version: str = Field(min_length=1, max_length=200, description="the new version's label (tag, revision, build)")
+    location: str | None = Field(None, min_length=1, max_length=2000,
+                                 description="where the new version is: model.path, or model.id for hub recipes")
+
+
+@dataclass(frozen=True)
+class Settings:
+    secret: bytes
+    tolerance_s: int = 300
+    max_bytes: int = 64 * 1024
+    db_path: Path = Path("deliveries.db")
+
+    @classmethod
+    def from_env(cls) -> "Settings":
+        from tasks import store
+
+        secret = os.environ.get("ENGINEWRIGHT_WEBHOOK_SECRET", "")
+        if len(secret) < 16:
+            raise ValueError("ENGINEWRIGHT_WEBHOOK_SECRET must be set to a shared secret of at least 16 characters "
+                             "(e.g. `openssl rand -hex 32`)")
+        db = os.environ.get("ENGINEWRIGHT_WEBHOOK_DB") or store.home() / "webhook" / "deliveries.db"
+        return cls(secret=secret.encode(), tolerance_s=int(os.environ.get("ENGINEWRIGHT_WEBHOOK_TOLERANCE_S", 300)),
+                   max_bytes=int(os.environ.get("ENGINEWRIGHT_WEBHOOK_MAX_BYTES", 64 * 1024)), db_path=Path(db))
+
+
+def sign(secret: bytes, timestamp: int | str, body: bytes) -> str:
+    """The signature header's value for this body: what the CI system computes."""
+    return "sha256=" + hmac.new(secret, f"{timestamp}.".encode() + body, hashlib.sha256).hexdigest()
+
+
+def check_signature(secret: bytes, timestamp: str | None, signature: str | None, body: bytes, *, now: float,
+                    tolerance_s: int) -> str | None:
+    """Why the request is not authentic, or None when it is. Compares in constant time."""
+    if not timestamp or not signature:
+        return f"missing {TIMESTAMP_HEADER} or {SIGNATURE_HEADER} header"
+    if not timestamp.isdigit():
+        return f"{TIMESTAMP_HEADER} must be unix seconds"
+    expected = sign(secret, timestamp, body).encode()
+    if not hmac.compare_digest(expected, signature.strip().encode("latin-1", "replace")):
+        return "signature does not match the body"
+    if abs(now - int(timestamp)) > tolerance_s:  # checked after the signature: a forged timestamp fails above
+        return f"timestamp is more than {tolerance_s} s from the receiver's clock (replayed or clock skew)"
+    return None
+
+
+class DeliveryLog:
+    """Delivery ids already handled, in SQLite: a repeated delivery is answered from here, never run again."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        with self._connect() as db:
+            db.execute("CREATE TABLE IF NOT EXISTS deliveries (delivery_id TEXT PRIMARY KEY, received_at REAL, "
+                       "model TEXT, version TEXT, status TEXT, flow_run_ids TEXT)")
+
+    def _connect(self) -> sqlite3.Connection:
+        return sqlite3.connect(self.path, timeout=30, isolation_level=None)
+
+    def claim(self, event: ModelVersionEvent) -> dict | None:
+        """Record the delivery as in progress; if it was seen before, return that record instead."""
+        with self._lock, self._connect() as db:
+            try:
+                db.execute("INSERT INTO deliveries VALUES (?, ?, ?, ?, 'started', '[]')",
+                           (event.delivery_id, time.time(), event.model, event.version))
+                return None
+            except sqlite3.IntegrityError:
+                row = db.execute("SELECT status, flow_run_ids, model, version FROM deliveries WHERE delivery_id = ?",
+                                 (event.delivery_id,)).fetchone()
+                return {"status": row[0], "flow_run_ids": json.loads(row[1]), "model": row[2], "version": row[3]}
+
+    def complete(self, delivery_id: str, flow_run_ids: list[str]) -> None:
+        with self._lock, self._connect() as db:
+            db.execute("UPDATE deliveries SET status = 'handled', flow_run_ids = ? WHERE delivery_id = ?",
+                       (json.dumps(flow_run_ids), delivery_id))
+
+    def release(self, delivery_id: str) -> None:
+        with self._lock, self._connect() as db:
+            db.execute("DELETE FROM deliveries WHERE delivery_id = ?", (delivery_id,))
+
+
+async def prefect_launcher(deployment: str, parameters: dict, idempotency_key: str, tags: list[str]) -> str:
+    """Start a flow run of a deployment on the Prefect server at PREFECT_API_URL; returns its id at once."""
+    from prefect import get_client
+
+    async with get_client() as client:
+        found = await client.read_deployment_by_name(deployment)
+        run = await client.create_flow_run_from_deployment(found.id, parameters=parameters,
+                                                           idempotency_key=idempotency_key, tags=tags)
+    return str(run.id)
+
+
+def _error(status: int, message: str, **extra) -> JSONResponse:
+    return JSONResponse({"error": message, **extra}, status_code=status)
+
+
+async def _read_limited(request: Request, limit: int) -> bytes | None:
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        return None
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            return None
+    return bytes(body)
+
+
+def _invalid(exc: ValidationError) -> JSONResponse:
+    first = exc.errors()[0]
+    field = ".".join(str(p) for p in first["loc"]) or "(body)"
+    message = "unknown field" if first["type"] == "extra_forbidden" else first["msg"]
+    return _error(400, f"{field}: {message}", field=field,
+                  problems=[{"field": ".".join(str(p) for p in e["loc"]), "message": e["msg"]} for e in exc.errors()])
+
+
+def create_app(routes: dict[str, list[str]], settings: Settings, launcher: Launcher = prefect_launcher,
+               clock: Callable[[], float] = time.time) -> Starlette:
+    """The receiver.
+
+    Args:
+        routes: model slug -> full names of the deployments that follow it (flows.deploy.Plan.by_model()).
+        settings: secret, tolerance, size limit, delivery database.
+        launcher: starts one flow run; the Prefect API by default (tests pass a fake).
+        clock: unix time now.
+    """
+    deliveries = DeliveryLog(settings.db_path)
+
+    async def receive(request: Request) -> JSONResponse:
+        body = await _read_limited(request, settings.max_bytes)
+        if body is None:
+            log.warning("rejected: body larger than %d bytes", settings.max_bytes)
+            return _error(413, f"body larger than {settings.max_bytes} bytes")
+        problem = check_signature(settings.secret, request.headers.get(TIMESTAMP_HEADER),
+                                  request.headers.get(SIGNATURE_HEADER), body, now=clock(),
+                                  tolerance_s=settings.tolerance_s)
+        if problem:
+            log.warning("rejected: %s", problem)
+            return _error(401, problem)
+        try:
+            data = json.loads(body)
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            return _error(400, f"(body): not JSON: {exc}", field="(body)")
+        if not isinstance(data, dict):
+            return _error(400, "(body): must be a JSON object", field="(body)")
+        try:
+            event = ModelVersionEvent.model_validate(data)
+        except ValidationError as exc:
+            return _invalid(exc)
+        deployments = routes.get(event.model.lower())
+        if not deployments:
+            log.info("delivery %s: no recipe follows model %s", event.delivery_id, event.model)
+            return _error(404, f"no recipe follows model '{event.model}'", known_models=sorted(routes))
+        seen = deliveries.claim(event)
+        if seen is not None:
+            log.info("delivery %s: already %s", event.delivery_id, seen["status"])
+            return JSONResponse(seen | {"status": f"already {seen['status']}", "delivery_id": event.delivery_id},
+                                status_code=200)
+        parameters = {"model_version": event.version} | ({"model_location": event.location} if event.location else {})
+        tags = ["webhook", f"model:{event.model.lower()}", f"delivery:{event.delivery_id}"]
+        started = []
+        try:
+            for deployment in deployments:
+                run_id = await launcher(deployment, parameters, f"webhook-{event.delivery_id}-{deployment}", tags)
+                started.append({"deployment": deployment, "flow_run_id": run_id})
+        except Exception as exc:  # nothing recorded: the CI system's retry is safe (idempotency keys)
+            deliveries.release(event.delivery_id)
+            log.error("delivery %s: Prefect API refused %s: %s", event.delivery_id, deployment, exc)
+            return _error(502, f"could not start a flow run of {deployment}: {type(exc).__name__}: {exc}")
+        run_ids = [s["flow_run_id"] for s in started]
+        deliveries.complete(event.delivery_id, run_ids)
+        log.info("delivery %s: model %s version %s -> flow runs %s", event.delivery_id, event.model, event.version,
+                 run_ids)
+        return JSONResponse({"status": "started", "delivery_id": event.delivery_id, "model": event.model,
+                             "version": event.version, "flow_run_ids": run_ids, "flow_runs": started},
+                            status_code=202)
+
+    async def health(_: Request) -> JSONResponse:
+        return JSONResponse({"status": "ok", "models": sorted(routes)})
+
+    return Starlette(routes=[Route(PATH, receive, methods=["POST"]), Route("/health", health, methods=["GET"])])
+
+
+def serve(*, host: str, port: int, prefect_file: Path | None = None) -> None:
+    """Run the receiver with uvicorn; routes come from prefect.yaml and its recipes (as `enginewright deploy`)."""
+    import uvicorn
+
+    from flows.deploy import load_plan
+
+    if not os.environ.get("PREFECT_API_URL"):
+        raise ValueError("PREFECT_API_URL is not set: the receiver starts runs on a Prefect server "
+                         "(e.g. http://127.0.0.1:4200/api)")
+    settings = Settings.from_env()
+    routes = {model: [d.full_name for d in deps] for model, deps in load_plan(prefect_file).by_model().items()}
+    for model, deps in routes.items():
+        log.info("model %s -> %s", model, ", ".join(deps))
+    uvicorn.run(create_app(routes, settings), host=host, port=port, log_level="info")

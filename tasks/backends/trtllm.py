@@ -1,0 +1,626 @@
+"""The trtllm backend: TensorRT-LLM profiles built on, and for, one GPU architecture.
+
+Runs on a GPU worker inside NVIDIA's TensorRT-LLM container. `targets[].engine` picks what a profile holds:
+
+* ``profile`` (default; TensorRT-LLM >= 1.2, PyTorch runtime): ``checkpoint/`` (the ModelOpt unified HF export,
+  hard-linked), ``extra_llm_api_options.yaml`` (runtime options under their LlmArgs names) and ``autotuner/`` (the
+  autotuner cache TensorRT-LLM produced on the target GPU).
+* ``legacy`` (pinned TensorRT-LLM <= 1.2): ``engine/`` (``rank*.engine`` + ``config.json``, built by
+  ``tensorrt_llm._tensorrt_engine.LLM`` with a ``BuildConfig`` and written by ``llm.save``) and ``checkpoint/``
+  for the tokenizer.
+
+API facts come from the shared reference trtllm-modelopt.md (section 3) and TensorRT-LLM's sources, cited where
+used. Nothing here has run against a real TensorRT-LLM: tests/unit/test_trtllm_backend.py checks the calls, names
+and files against a fake `tensorrt_llm` (tests/fakes). `tensorrt_llm` is imported inside functions only, so this
+module imports, and fails with BackendUnavailable, where it is not installed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import importlib
+import json
+import logging
+import os
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Iterator
+
+import yaml
+
+from tasks import store
+from tasks.targets import LEGACY_REFUSED_SM, arch_of, sm_number
+
+log = logging.getLogger(__name__)
+
+NAME = "trtllm"
+# Versions that pin a profile; `tensorrt` is recorded only where it is installed (TensorRT-LLM >= 1.3 dropped it).
+TOOLCHAIN_KEYS = ("tensorrt_llm", "tensorrt", "modelopt", "torch", "transformers")
+
+CHECKPOINT = "checkpoint"
+OPTIONS_FILE = "extra_llm_api_options.yaml"
+ENGINE = "engine"
+AUTOTUNER = "autotuner"
+AUTOTUNER_FILE = "autotuner_cache.json"
+BUILD_LOG = "build.log"
+RUNTIME_PYTORCH = "pytorch"
+RUNTIME_LEGACY = "legacy-engine"
+
+# TensorRT-LLM's PyTorch model engine reads this variable in its autotuner warm-up and runs
+# `autotune(cache_path=...)`, which loads the file when present and saves the tuned tactics to it on exit
+# (tensorrt_llm/_torch/pyexecutor/model_engine.py, tensorrt_llm/_torch/autotuner.py). Newer releases write one JSON
+# file ({"metadata", "rank_<r>"}); older ones `<stem>.rank<r>.json` files: the profile keeps whatever was written.
+AUTOTUNER_ENV = "TLLM_AUTOTUNER_CACHE_PATH"
+# Before this release prompt_logprobs carry only the top-1 token per position, so loglikelihood cannot be scored
+# (ModelOpt examples/llm_eval/README.md; reference section 2).
+LOGLIKELIHOOD_SINCE = "1.3.0rc11"
+WARMUP_TOKENS = 8
+WARMUP_PROMPTS = ("The capital of France is", "def fibonacci(n):", "Quantization reduces the memory",
+                  "Once upon a time")
+SERVE_STARTUP_TIMEOUT_S = 900.0  # model load, autotuning and CUDA-graph capture of a large model take minutes
+SERVE_STOP_GRACE_S = 30.0
+HEALTH_POLL_S = 1.0
+
+INSTALL_HINT = ("The trtllm backend needs TensorRT-LLM, which is not installed here. Run this target on a GPU "
+                "worker inside NVIDIA's TensorRT-LLM container (nvcr.io/nvidia/tensorrt-llm/release:<version>), "
+                "or `pip install tensorrt_llm` from NVIDIA's package index (--extra-index-url "
+                "https://pypi.nvidia.com) on a GPU host with a matching CUDA driver.")
+
+
+class BackendUnavailable(RuntimeError):
+    """TensorRT-LLM (or its trtllm-serve) is not installed where this runs."""
+
+
+class TrtllmError(RuntimeError):
+    """A profile could not be built, evaluated or served; the message says what and why."""
+
+
+def _trtllm():
+    try:
+        return importlib.import_module("tensorrt_llm")
+    except (ImportError, OSError) as exc:  # OSError: a CUDA/TensorRT shared library that does not load
+        raise BackendUnavailable(f"{INSTALL_HINT} (import tensorrt_llm failed: {exc})") from None
+
+
+def _tensorrt_version() -> str | None:
+    try:
+        return str(importlib.import_module("tensorrt").__version__)
+    except (ImportError, OSError):
+        return None
+
+
+def toolchain_versions() -> dict[str, str | None]:
+    trtllm = _trtllm()
+    full = store.toolchain()
+    versions = {"tensorrt_llm": str(trtllm.__version__)}
+    if (trt := _tensorrt_version()) is not None:
+        versions["tensorrt"] = trt
+    return versions | {k: full[k] for k in ("modelopt", "torch", "transformers")}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Options
+
+
+def cuda_graph_batch_sizes(max_batch_size: int) -> list[int]:
+    """Powers of two below max_batch_size, and max_batch_size itself."""
+    sizes, n = [], 1
+    while n < max_batch_size:
+        sizes.append(n)
+        n *= 2
+    return sizes + [max_batch_size]
+
+
+def runtime_options(target) -> dict:
+    """The profile's extra_llm_api_options: LlmArgs field names (llmapi/llm_args.py; reference section 3.1)."""
+    return {
+        "max_batch_size": target.max_batch_size,
+        "max_num_tokens": target.max_num_tokens,
+        "max_seq_len": target.max_seq_len,
+        "tensor_parallel_size": target.tp,
+        "kv_cache_config": {"dtype": target.kv_cache_dtype},
+        "cuda_graph_config": {"batch_sizes": cuda_graph_batch_sizes(target.max_batch_size), "enable_padding": True},
+    }
+
+
+def llm_kwargs(options: dict) -> dict:
+    """LLM(...) keyword arguments from the options file: nested sections become their config classes."""
+    llmapi = importlib.import_module("tensorrt_llm.llmapi")
+    classes = {"kv_cache_config": llmapi.KvCacheConfig, "cuda_graph_config": llmapi.CudaGraphConfig}
+    return {k: classes[k](**v) if k in classes and isinstance(v, dict) else v for k, v in options.items()}
+
+
+def legacy_build_config(target) -> dict:
+    """BuildConfig fields (tensorrt_llm/builder.py). Prompts may fill the window but one token, within a batch."""
+    return {"max_batch_size": target.max_batch_size,
+            "max_input_len": min(target.max_seq_len - 1, target.max_num_tokens),
+            "max_seq_len": target.max_seq_len,
+            "max_num_tokens": target.max_num_tokens}
+
+
+def warmup_batches(max_batch_size: int) -> list[int]:
+    return sorted({1, min(4, max_batch_size), min(max_batch_size, 64)})
+
+
+def read_quant_config(checkpoint: Path) -> dict | None:
+    """quant_algo and kv_cache_quant_algo of a ModelOpt unified export; None for an unquantized checkpoint."""
+    file = Path(checkpoint) / "hf_quant_config.json"
+    if not file.is_file():
+        return None
+    quant = json.loads(file.read_text()).get("quantization", {})
+    return {"quant_algo": quant.get("quant_algo"), "kv_cache_quant_algo": quant.get("kv_cache_quant_algo")}
+
+
+def is_legacy(profile_dir: Path) -> bool:
+    return (Path(profile_dir) / ENGINE / "config.json").is_file()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Build
+
+
+def _check_target(target, device: dict, quant: dict | None) -> None:
+    """Refuse, before any GPU time, what TensorRT-LLM would refuse later or what would be built for the wrong GPU."""
+    where = f"target '{target.name}'"
+    if device.get("device") != "cuda":
+        raise TrtllmError(f"{where}: TensorRT-LLM builds on the target GPU; this worker is {device.get('arch')} "
+                          f"(no CUDA device). Set targets[].work_pool to a pool of GPU workers.")
+    if target.gpu != "auto" and arch_of(target.gpu) != device["arch"]:
+        raise TrtllmError(f"{where} is for {arch_of(target.gpu)} ({target.gpu}) but this worker's GPU is "
+                          f"{device['arch']} ({device.get('gpu_name')}); run it on a worker that has that GPU")
+    if target.tp > (device.get("gpu_count") or 0):
+        raise TrtllmError(f"{where}: tp={target.tp} needs {target.tp} GPUs; this worker has "
+                          f"{device.get('gpu_count') or 0}")
+    algo = (quant or {}).get("quant_algo") or ""
+    kv = (quant or {}).get("kv_cache_quant_algo")
+    if target.engine == "profile" and algo.startswith("W8A8_SQ"):
+        raise TrtllmError(f"{where}: {algo} (INT8-SmoothQuant) has no PyTorch-runtime kernels; it needs "
+                          f"engine: legacy on TensorRT-LLM <= 1.2")
+    if target.engine == "legacy":
+        refused = algo.startswith("W8A8_SQ") or algo in ("W8A16", "W4A16", "W4A16_AWQ", "W4A16_GPTQ") or kv == "INT8"
+        if refused and sm_number(device["arch"]) in LEGACY_REFUSED_SM:
+            raise TrtllmError(f"{where}: the legacy engine builder refuses {algo or kv} on SM 100-119 "
+                              f"(tensorrt_llm/builder.py); this GPU is {device['arch']}")
+        if target.kv_cache_dtype != "auto" and kv != "FP8":
+            raise TrtllmError(f"{where}: kv_cache_dtype '{target.kv_cache_dtype}' on a legacy engine comes from the "
+                              f"checkpoint (hf_quant_config.json kv_cache_quant_algo is {kv}); quantize with "
+                              f"quantization.kv_cache: fp8, or set kv_cache_dtype: auto")
+
+
+def build_profile(*, checkpoint_dir: str, target, device: dict, out: Path) -> dict:
+    """Write the profile into `out` and return the build options recorded in the manifest.
+
+    The model is loaded and warmed up on this worker's GPU in a child process (see _run_build_worker).
+    """
+    trtllm = _trtllm()
+    out = Path(out)
+    quant = read_quant_config(Path(checkpoint_dir))
+    _check_target(target, device, quant)
+    if target.engine == "legacy":
+        _engine_llm_class(trtllm)  # fail before linking or loading anything
+    store.link_or_copy_tree(Path(checkpoint_dir), out / CHECKPOINT)
+    recorded = {
+        "backend": NAME,
+        "runtime": RUNTIME_LEGACY if target.engine == "legacy" else RUNTIME_PYTORCH,
+        "tensorrt_llm": str(trtllm.__version__),
+        "gpu": {k: device.get(k) for k in ("arch", "gpu_name", "gpu_count", "gpu_memory_gib", "driver", "cuda")},
+        "tp": target.tp,
+        "quantization": quant,
+        "build_log": BUILD_LOG,
+    }
+    if target.engine == "legacy":
+        return recorded | _build_legacy(target, out)
+    return recorded | _build_pytorch(target, out)
+
+
+def _build_pytorch(target, out: Path) -> dict:
+    options = runtime_options(target)
+    (out / OPTIONS_FILE).write_text(yaml.safe_dump(options, sort_keys=True))
+    cache = out / AUTOTUNER / AUTOTUNER_FILE
+    cache.parent.mkdir()
+    result = _run_build_worker({"runtime": RUNTIME_PYTORCH, "checkpoint": str(out / CHECKPOINT), "options": options,
+                                "warmup_batches": warmup_batches(target.max_batch_size)},
+                               out, env={AUTOTUNER_ENV: str(cache)})
+    files = sorted(p.relative_to(out).as_posix() for p in cache.parent.iterdir() if p.is_file())
+    note = None
+    if not files:
+        cache.parent.rmdir()
+        note = (f"TensorRT-LLM wrote no autotuner cache to ${AUTOTUNER_ENV} (autotuner disabled, nothing tunable "
+                f"in this model, or a release without the variable); trtllm-serve will tune at start-up")
+        log.warning("target %s: %s", target.name, note)
+    return {"options_file": OPTIONS_FILE, "llm_api_options": options, "autotuner_cache": files or None,
+            "autotuner_note": note, "warmup": result["warmup"]}
+
+
+def _build_legacy(target, out: Path) -> dict:
+    build_config = legacy_build_config(target)
+    engine = out / ENGINE
+    result = _run_build_worker({"runtime": RUNTIME_LEGACY, "checkpoint": str(out / CHECKPOINT),
+                                "engine_dir": str(engine), "tp": target.tp, "build_config": build_config,
+                                "warmup_batches": warmup_batches(target.max_batch_size)}, out, env={})
+    missing = [name for name in ["config.json"] + [f"rank{r}.engine" for r in range(target.tp)]
+               if not (engine / name).is_file()]
+    if missing:
+        raise TrtllmError(f"llm.save({engine}) wrote no {', '.join(missing)} for tp={target.tp}; last lines of "
+                          f"{BUILD_LOG}:\n{_tail(out / BUILD_LOG)}")
+    config = json.loads((engine / "config.json").read_text())
+    return {"build_config": build_config, "engine_dir": ENGINE, "engine_version": config.get("version"),
+            "engine_files": sorted(p.name for p in engine.iterdir()), "warmup": result["warmup"]}
+
+
+def _run_build_worker(request: dict, out: Path, *, env: dict) -> dict:
+    """Load and warm up the model in a fresh Python process; return what it reports.
+
+    A fresh process because TensorRT-LLM's executor runs in MPI-spawned workers that see the environment of the
+    process's start, not variables set later (TensorRT-LLM's own tests patch MpiPoolSession to pass them): the
+    autotuner cache path must be in the environment before tensorrt_llm is imported. It also returns the GPU memory
+    when the build ends, whatever happens inside. The child's output goes to build.log in the profile.
+    """
+    project_root = str(Path(__file__).resolve().parents[2])
+    python_path = [project_root] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    child_env = {**os.environ, **env, "PYTHONPATH": os.pathsep.join(python_path)}
+    log_file = out / BUILD_LOG
+    with tempfile.TemporaryDirectory(prefix="trtllm-build-") as scratch:
+        request_file, result_file = Path(scratch) / "request.json", Path(scratch) / "result.json"
+        request_file.write_text(json.dumps({**request, "result": str(result_file)}))
+        command = [sys.executable, "-m", "tasks.backends.trtllm", "build-worker", str(request_file)]
+        with open(log_file, "wb") as logf:
+            code = subprocess.run(command, stdout=logf, stderr=subprocess.STDOUT, env=child_env, cwd=scratch).returncode
+        if code != 0 or not result_file.is_file():
+            raise TrtllmError(f"TensorRT-LLM {request['runtime']} build of {request['checkpoint']} failed "
+                              f"(exit code {code}); last lines of {log_file.name}:\n{_tail(log_file)}")
+        return json.loads(result_file.read_text())
+
+
+def _build_worker(request: dict) -> dict:
+    """In the child: load with the LLM API, (legacy) save the engine, warm up, shut down."""
+    trtllm = _trtllm()
+    if request["runtime"] == RUNTIME_PYTORCH:
+        llm = trtllm.LLM(model=request["checkpoint"], **llm_kwargs(request["options"]))
+    else:
+        llm = _engine_llm_class(trtllm)(model=request["checkpoint"], tokenizer=request["checkpoint"],
+                                        tensor_parallel_size=request["tp"],
+                                        build_config=trtllm.BuildConfig(**request["build_config"]))
+    try:
+        if request["runtime"] == RUNTIME_LEGACY:
+            llm.save(request["engine_dir"])
+        return {"warmup": _warm_up(trtllm, llm, request["warmup_batches"])}
+    finally:
+        llm.shutdown()
+
+
+def _warm_up(trtllm, llm, batches: list[int]) -> list[dict]:
+    """A few generate calls at the batch sizes serving will use: the profile must run before it exists."""
+    params = trtllm.SamplingParams(max_tokens=WARMUP_TOKENS)
+    calls = []
+    for n in batches:
+        prompts = [WARMUP_PROMPTS[i % len(WARMUP_PROMPTS)] for i in range(n)]
+        outputs = llm.generate(prompts, sampling_params=params)
+        generated = [len(o.outputs[0].token_ids) for o in outputs]
+        if not all(generated):
+            raise TrtllmError(f"warm-up: {generated.count(0)} of {n} prompts generated no token")
+        calls.append({"prompts": n, "max_tokens": WARMUP_TOKENS, "generated_tokens": sum(generated)})
+    return calls
+
+
+def _engine_llm_class(trtllm):
+    """`tensorrt_llm._tensorrt_engine.LLM`, the TensorRT-engine LLM, or a clear error where it was removed."""
+    try:
+        return importlib.import_module("tensorrt_llm._tensorrt_engine").LLM
+    except ImportError:
+        raise TrtllmError(
+            f"engine: legacy needs TensorRT-LLM's TensorRT-engine backend (tensorrt_llm._tensorrt_engine), which "
+            f"TensorRT-LLM {trtllm.__version__} here does not have: it was removed in 1.3 (PR #15918). Run this "
+            f"target in a pinned <= 1.2 container (nvcr.io/nvidia/tensorrt-llm/release:1.2.x), or use engine: "
+            f"profile") from None
+
+
+def _tail(path: Path, lines: int = 40) -> str:
+    try:
+        return "\n".join(Path(path).read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return f"({path} could not be read)"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Autotuner cache at load time
+
+
+def _stage_autotuner_cache(profile: Path, scratch: Path) -> Path | None:
+    """Copy the profile's autotuner cache to `scratch` and return the path to give TLLM_AUTOTUNER_CACHE_PATH.
+
+    A copy: TensorRT-LLM rewrites the file at the end of its tuning pass, and a profile is immutable (its content
+    hash is in the manifest, and its files may be hard links shared with other artifacts).
+    """
+    source = Path(profile) / AUTOTUNER
+    if not source.is_dir() or not any(source.iterdir()):
+        return None
+    shutil.copytree(source, scratch / AUTOTUNER)
+    return scratch / AUTOTUNER / AUTOTUNER_FILE
+
+
+@contextlib.contextmanager
+def _autotuner_env(profile: Path) -> Iterator[None]:
+    """Best effort in process: the executor's MPI workers may not see a variable set after tensorrt_llm was
+    imported (see _run_build_worker); then they tune again, which changes start-up time, not results."""
+    with tempfile.TemporaryDirectory(prefix="trtllm-autotuner-") as scratch:
+        cache = _stage_autotuner_cache(profile, Path(scratch))
+        saved = os.environ.get(AUTOTUNER_ENV)
+        if cache is not None:
+            os.environ[AUTOTUNER_ENV] = str(cache)
+        try:
+            yield
+        finally:
+            if saved is None:
+                os.environ.pop(AUTOTUNER_ENV, None)
+            else:
+                os.environ[AUTOTUNER_ENV] = saved
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# lm-eval
+
+
+def loglikelihood_blocker(version: str, *, legacy: bool) -> str | None:
+    """Why loglikelihood (and perplexity) requests cannot be scored on this profile, or None when they can."""
+    from packaging.version import InvalidVersion, Version
+
+    if legacy:
+        return ("loglikelihood needs prompt logprobs, which this legacy TensorRT engine cannot return (it was not "
+                "built with gather_context_logits); evaluate generate-until tasks only, or gate accuracy with the "
+                "reference backend")
+    try:
+        supported = Version(str(version)) >= Version(LOGLIKELIHOOD_SINCE)
+    except InvalidVersion:
+        supported = False
+    if supported:
+        return None
+    return (f"TensorRT-LLM {version} cannot score loglikelihood or perplexity tasks: before {LOGLIKELIHOOD_SINCE} "
+            f"prompt_logprobs carry only the top-1 token per position, so lm-eval would fail with a KeyError. Use "
+            f"a TensorRT-LLM >= {LOGLIKELIHOOD_SINCE} container, generate-until tasks only, or gate accuracy with "
+            f"the reference backend")
+
+
+def continuation_logprob(tokens: list[int], outputs, ctxlen: int) -> tuple[float, bool]:
+    """Sum of the continuation tokens' logprobs, and whether each was the top-1 token.
+
+    TensorRT-LLM aligns prompt_logprobs to the next token: entry i is the distribution that predicted
+    tokens[i + 1] (its worker computes them from prompt_token_ids[1:] + the first generated token). lm-eval
+    0.4.12/0.4.13's TRTLLM._parse_logprobs reads entry i for tokens[i] and raises KeyError (ModelOpt
+    examples/llm_eval/lm_eval_trtllm.py replaces it for the same reason).
+    """
+    entries = outputs.outputs[0].prompt_logprobs
+    if entries is None or len(entries) < len(tokens) - 1:
+        raise TrtllmError(f"prompt_logprobs has {0 if entries is None else len(entries)} entries for "
+                          f"{len(tokens)} prompt tokens; TensorRT-LLM scored a different prompt than was sent")
+    total, greedy = 0.0, True
+    for i in range(max(ctxlen, 1), len(tokens)):  # token 0 has no preceding distribution
+        entry = entries[i - 1]
+        scored = entry.get(tokens[i])
+        if scored is None:
+            raise TrtllmError(f"token {tokens[i]} at position {i} is missing from prompt_logprobs[{i - 1}]; "
+                              f"the logprobs do not match the prompt")
+        total += scored.logprob
+        if scored.rank is not None:
+            greedy = greedy and scored.rank == 1
+        else:
+            greedy = greedy and scored.logprob >= max(e.logprob for e in entry.values())
+    return total, greedy
+
+
+@contextlib.contextmanager
+def _swapped(module, name: str, value) -> Iterator[None]:
+    missing = object()
+    saved = getattr(module, name, missing)
+    setattr(module, name, value)
+    try:
+        yield
+    finally:
+        if saved is missing:
+            delattr(module, name)
+        else:
+            setattr(module, name, saved)
+
+
+@functools.cache
+def _profile_lm_class():
+    from lm_eval.models import trtllm_causallms as upstream
+
+    class ProfileTRTLLM(upstream.TRTLLM):
+        """lm-eval's own `trtllm` LM (tokenization, batching, requests) over an LLM loaded with the profile's
+        runtime options, with TensorRT-LLM's prompt-logprob alignment read correctly."""
+
+        def __init__(self, *, llm_factory, loglikelihood_blocked: str | None, **kwargs):
+            self.loglikelihood_blocked = loglikelihood_blocked
+            # TRTLLM.__init__ calls its module's `LLM(**its own kwargs)` and cannot pass further LlmArgs (KV-cache
+            # dtype, CUDA graphs, max_num_tokens): the profile's factory stands in for that one call.
+            with _swapped(upstream, "LLM", llm_factory):
+                super().__init__(**kwargs)
+
+        def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False):
+            if self.loglikelihood_blocked:
+                raise TrtllmError(self.loglikelihood_blocked)
+            return super()._loglikelihood_tokens(requests, disable_tqdm=disable_tqdm)
+
+        _parse_logprobs = staticmethod(continuation_logprob)
+
+    return ProfileTRTLLM
+
+
+def _eval_limits(profile: Path) -> dict:
+    if is_legacy(profile):
+        config = json.loads((profile / ENGINE / "config.json").read_text())
+        build = config["build_config"]
+        return {"max_seq_len": build["max_seq_len"], "max_batch_size": build["max_batch_size"],
+                "max_input_len": build["max_input_len"], "tp": config["pretrained_config"]["mapping"]["tp_size"]}
+    options = yaml.safe_load((profile / OPTIONS_FILE).read_text())
+    return {"max_seq_len": options["max_seq_len"], "max_batch_size": options["max_batch_size"],
+            "max_input_len": options["max_seq_len"] - 1, "tp": options["tensor_parallel_size"]}
+
+
+def _eval_llm(trtllm, profile: Path, **lm_eval_kwargs):
+    """The LLM for evaluation: the profile's options, KV-block reuse off (reused blocks return no prompt
+    logprobs), and lm-eval's max_input_len."""
+    kv_cache_config = importlib.import_module("tensorrt_llm.llmapi").KvCacheConfig
+    if is_legacy(profile):
+        return _engine_llm_class(trtllm)(model=str(profile / ENGINE), tokenizer=str(profile / CHECKPOINT),
+                                         kv_cache_config=kv_cache_config(enable_block_reuse=False))
+    options = yaml.safe_load((profile / OPTIONS_FILE).read_text())
+    kwargs = llm_kwargs(options)
+    kwargs["kv_cache_config"] = kv_cache_config(**{**options.get("kv_cache_config", {}), "enable_block_reuse": False})
+    return trtllm.LLM(model=str(profile / CHECKPOINT), max_input_len=lm_eval_kwargs["max_input_len"], **kwargs)
+
+
+def lm_eval_model(profile_dir: Path, *, batch_size: int, max_length: int):
+    """A context manager yielding an lm-eval LM over the profile, in process (lm-eval's `trtllm` model type)."""
+    trtllm = _trtllm()
+    profile = Path(profile_dir)
+    return _lm_eval_model(trtllm, profile, batch_size=batch_size, max_length=max_length)
+
+
+@contextlib.contextmanager
+def _lm_eval_model(trtllm, profile: Path, *, batch_size: int, max_length: int) -> Iterator[object]:
+    from lm_eval.models import trtllm_causallms as upstream
+
+    # lm-eval binds these names at its import, inside try/except: if it was imported before tensorrt_llm could be,
+    # they are missing. Bind them to the tensorrt_llm this process uses.
+    upstream.SamplingParams = trtllm.SamplingParams
+    upstream.KvCacheConfig = importlib.import_module("tensorrt_llm.llmapi").KvCacheConfig
+    limits = _eval_limits(profile)
+    max_input_len = min(max_length, limits["max_input_len"])
+    with _autotuner_env(profile):
+        lm = _profile_lm_class()(
+            llm_factory=functools.partial(_eval_llm, trtllm, profile),
+            loglikelihood_blocked=loglikelihood_blocker(trtllm.__version__, legacy=is_legacy(profile)),
+            model=str(profile / CHECKPOINT), tokenizer=str(profile / CHECKPOINT),
+            max_batch_size=limits["max_batch_size"], max_input_len=max_input_len,
+            max_output_len=limits["max_seq_len"] - max_input_len, tensor_parallel_size=limits["tp"],
+            batch_size=batch_size)
+        try:
+            yield lm
+        finally:
+            lm.llm.shutdown()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# trtllm-serve
+
+
+def serve_command(profile_dir: Path, *, host: str, port: int, executable: str = "trtllm-serve") -> list[str]:
+    """The trtllm-serve command line for a profile (commands/serve.py; reference section 3.4).
+
+    Limits come from the options file (trtllm-serve applies it over its defaults) or, for an engine, from the
+    engine itself; no limit is repeated as a flag.
+    """
+    profile = Path(profile_dir)
+    checkpoint = profile / CHECKPOINT
+    needed = [profile / ENGINE / "config.json", checkpoint] if is_legacy(profile) else [checkpoint,
+                                                                                         profile / OPTIONS_FILE]
+    missing = [str(p) for p in needed if not p.exists()]
+    if missing:
+        raise TrtllmError(f"{profile} is not a complete trtllm profile: missing {', '.join(missing)}")
+    common = ["--host", host, "--port", str(port)]
+    if is_legacy(profile):
+        return [executable, str(profile / ENGINE), *common, "--backend", "tensorrt", "--tokenizer", str(checkpoint)]
+    return [executable, str(checkpoint), *common, "--backend", "pytorch",
+            "--extra_llm_api_options", str(profile / OPTIONS_FILE)]
+
+
+def serve(profile_dir: Path, *, host: str = "127.0.0.1", port: int, log_file: Path,
+          startup_timeout: float = SERVE_STARTUP_TIMEOUT_S):
+    """A context manager: start trtllm-serve on the profile, wait for GET /health to answer 200, yield the
+    OpenAI-compatible base URL (http://host:port/v1), and stop the server on exit. Its output goes to log_file."""
+    _trtllm()
+    executable = shutil.which("trtllm-serve")
+    if executable is None:
+        raise BackendUnavailable(f"trtllm-serve is not on PATH (it is installed with tensorrt_llm). {INSTALL_HINT}")
+    reachable = "127.0.0.1" if host in ("0.0.0.0", "") else host
+    command = serve_command(Path(profile_dir), host=host, port=port, executable=executable)
+    return _serving(command, Path(profile_dir), f"http://{reachable}:{port}", Path(log_file), startup_timeout)
+
+
+@contextlib.contextmanager
+def _serving(command: list[str], profile: Path, url: str, log_file: Path, timeout: float) -> Iterator[str]:
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="trtllm-serve-") as scratch:
+        env = dict(os.environ)
+        cache = _stage_autotuner_cache(profile, Path(scratch))
+        if cache is not None:
+            env[AUTOTUNER_ENV] = str(cache)
+        with open(log_file, "ab") as logf:
+            logf.write(f"$ {shlex.join(command)}\n".encode())
+            logf.flush()
+            # its own process group: trtllm-serve's MPI workers are stopped with it
+            process = subprocess.Popen(command, stdout=logf, stderr=subprocess.STDOUT, env=env,
+                                       start_new_session=True)
+        try:
+            _wait_healthy(process, f"{url}/health", log_file, timeout)
+            yield f"{url}/v1"
+        finally:
+            _stop(process)
+
+
+def _wait_healthy(process: subprocess.Popen, health_url: str, log_file: Path, timeout: float) -> None:
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while True:
+        code = process.poll()
+        if code is not None:
+            raise TrtllmError(f"trtllm-serve exited with code {code} before {health_url} answered 200; "
+                              f"last lines of {log_file}:\n{_tail(log_file)}")
+        try:
+            if httpx.get(health_url, timeout=2.0, trust_env=False).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        if time.monotonic() > deadline:
+            raise TrtllmError(f"trtllm-serve did not answer 200 on {health_url} within {timeout:.0f} s; "
+                              f"last lines of {log_file}:\n{_tail(log_file)}")
+        time.sleep(HEALTH_POLL_S)
+
+
+def _stop(process: subprocess.Popen) -> None:
+    """SIGTERM to the server's process group, then SIGKILL if it is still there after SERVE_STOP_GRACE_S.
+
+    A server that already died is followed by SIGKILL to its group: MPI workers it left behind are ours too.
+    """
+    def signal_group(sig):
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(process.pid, sig)
+
+    if process.poll() is None:
+        signal_group(signal.SIGTERM)
+        try:
+            process.wait(timeout=SERVE_STOP_GRACE_S)
+            return
+        except subprocess.TimeoutExpired:
+            log.warning("trtllm-serve (pid %d) ignored SIGTERM for %.0f s; killing it", process.pid,
+                        SERVE_STOP_GRACE_S)
+    signal_group(signal.SIGKILL)
+    try:
+        process.wait(timeout=SERVE_STOP_GRACE_S)
+    except subprocess.TimeoutExpired:
+        log.error("trtllm-serve (pid %d) is still running after SIGKILL; stop it by hand", process.pid)
+
+
+def _main(argv: list[str]) -> int:
+    if len(argv) != 2 or argv[0] != "build-worker":
+        print("usage: python -m tasks.backends.trtllm build-worker REQUEST.json", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    request = json.loads(Path(argv[1]).read_text())
+    result = _build_worker(request)
+    Path(request["result"]).write_text(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_main(sys.argv[1:]))

@@ -1,0 +1,108 @@
+"""The decision report: per target, accuracy cost vs serving speed for every rung, latency against the SLOs, and
+the decision with its reason. Markdown with PNG plots, written next to the run's other outputs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def _pareto_plot(target: str, rows: list[dict], load: str, tolerance: float | None, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for row in rows:
+        v = next((v for v in row.get("verdicts", []) if v["gate"] == "holdout_perplexity"), None)
+        speed = row.get("latency", {}).get(load, {}).get("output_tokens_per_s")
+        if speed is None:
+            continue
+        y = 0.0 if row["format"] == "none" else (v or {}).get("value")
+        if y is None:
+            continue
+        bound = (v or {}).get("bound") or y
+        color = {"pass": "tab:green", "fail": "tab:red", "undecided": "tab:orange"}.get(row["status"], "tab:gray")
+        ax.errorbar(speed, 100 * y, yerr=[[0], [100 * (bound - y)]], fmt="o", color=color, capsize=4)
+        ax.annotate(row["format"], (speed, 100 * y), textcoords="offset points", xytext=(6, 4))
+    if tolerance is not None:
+        ax.axhline(100 * tolerance, color="tab:red", linestyle="--", label=f"tolerance {tolerance:.0%}")
+        ax.legend()
+    ax.set_xlabel(f"output tokens/s ({load})")
+    ax.set_ylabel("perplexity increase vs baseline, % (bar: upper bound)")
+    ax.set_title(f"{target}: accuracy cost vs serving speed")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _latency_plot(target: str, rows: list[dict], load: str, slos: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, metric in zip(axes, ("ttft", "tpot")):
+        for row in rows:
+            summary = row.get("latency", {}).get(load, {})
+            points = [(p, summary.get(f"{metric}_ms_p{p}")) for p in (50, 90, 95, 99)]
+            points = [(p, v) for p, v in points if v is not None]
+            if points:
+                ax.plot([p for p, _ in points], [v for _, v in points], marker="o", label=row["format"])
+        slo = slos.get(f"{metric}_p95_ms")
+        if slo:
+            ax.axhline(slo, color="tab:red", linestyle="--", label=f"SLO p95 {slo:g} ms")
+        ax.set_xlabel("percentile")
+        ax.set_ylabel(f"{metric.upper()} ms")
+        ax.set_title(f"{target}: {metric.upper()} at {load}")
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_report(*, recipe, rows: list[dict], decisions: dict[str, dict], out_dir: Path) -> Path:
+    """Write report.md and one pair of PNGs per target into out_dir; returns the Markdown file."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    load = recipe.gated_load
+    ppl_gate = recipe.gates.accuracy.tasks.get("holdout_perplexity")
+    tolerance = ppl_gate.max_relative_increase if ppl_gate else None
+    slos = recipe.gates.latency.model_dump()
+    lines = [f"# Decision report: {recipe.name}", "",
+             f"Ladder strategy `{recipe.ladder.strategy}` (metric `{recipe.ladder.metric}`); latency gates at `{load}`; "
+             f"accuracy gates: one-sided {recipe.gates.accuracy.confidence:.0%} paired-bootstrap bound within tolerance.", ""]
+    for target in dict.fromkeys(r["target"] for r in rows):
+        trows = [r for r in rows if r["target"] == target]
+        decision = decisions.get(target, {})
+        lines += [f"## Target `{target}` ({trows[0]['arch']})", "",
+                  f"**Decision:** {decision.get('format') or 'nothing promoted'} — {decision.get('reason', '')}", ""]
+        lines += ["| format | status | perplexity Δ (bound) | cloze Δ (bound) | TTFT p50/p95 ms | TPOT p50/p95 ms | tok/s | reason |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for r in trows:
+            v = {x["gate"]: x for x in r.get("verdicts", [])}
+            lat = r.get("latency", {}).get(load, {})
+
+            def cell(gate, pct):
+                x = v.get(gate)
+                if not x or x["value"] is None:
+                    return ""
+                return f"{x['value']:+.2%} (≤{x['bound']:+.2%})" if pct else f"{x['value']:+.3f} (≤{x['bound']:+.3f})"
+
+            def num(key):
+                return "" if lat.get(key) is None else f"{lat[key]:.1f}"
+
+            lines.append(f"| {r['format']} | {r['status']} | {cell('holdout_perplexity', True)} | "
+                         f"{cell('holdout_cloze', False)} | {num('ttft_ms_p50')}/{num('ttft_ms_p95')} | "
+                         f"{num('tpot_ms_p50')}/{num('tpot_ms_p95')} | {num('output_tokens_per_s')} | "
+                         f"{r.get('reason', '') if r['status'] not in ('pass', 'baseline') else ''} |")
+        measured = [r for r in trows if r.get("latency")]
+        if measured:
+            pareto, latency = out_dir / f"{target}-pareto.png", out_dir / f"{target}-latency.png"
+            _pareto_plot(target, measured, load, tolerance, pareto)
+            _latency_plot(target, measured, load, slos, latency)
+            lines += ["", f"![accuracy vs speed]({pareto.name})", "", f"![latency percentiles]({latency.name})"]
+        lines.append("")
+    path = out_dir / "report.md"
+    path.write_text("\n".join(lines))
+    return path

@@ -1,0 +1,38 @@
+"""The CUDA path on a real GPU: NVFP4/FP8 calibration on CUDA, a profile built for this GPU's sm arch."""
+
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+torch = pytest.importorskip("torch")
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU")]
+
+
+@pytest.fixture()
+def calib_file(tmp_path):
+    from pydoc_data.topics import topics
+
+    path = tmp_path / "calibration.parquet"
+    pd.DataFrame({"text": [t[:400] for t in list(topics.values())[:16]]}).to_parquet(path)
+    return str(path)
+
+
+@pytest.mark.parametrize("fmt", ["fp8", "nvfp4", "int4_awq"])
+def test_cuda_quantization_and_sm_arch_profile(tiny_model_dir, calib_file, fmt):
+    from recipes.schema import TargetSpec
+    from tasks import build, quantize, store
+
+    q = quantize.quantize(model_dir=str(tiny_model_dir), model_fp="tiny", calibration_file=calib_file,
+                          calib_digest="c", fmt=fmt, max_tokens=64, batch_size=4)
+    assert Path(q.unified_dir, "hf_quant_config.json").is_file()
+    device = store.local_device()
+    major, minor = torch.cuda.get_device_capability(0)
+    assert device["arch"] == f"sm_{major}{minor}" and device["gpu_name"]
+    art = build.build(model_slug="tiny", checkpoint_dir=q.fakequant_dir, checkpoint_fp=q.fingerprint, fmt=fmt,
+                      quant_algo=q.quant_algo, target=TargetSpec(name="gpu"), device=device)
+    assert art.manifest["target"]["arch"] == device["arch"]
+    assert art.manifest["build_options"]["device"] == "cuda"
+    with pytest.raises(build.ArtifactMismatch, match="architecture"):
+        build.verify_artifact(art.path, device=dict(device, arch="sm_80"))

@@ -1,0 +1,249 @@
+"""The CI webhook receiver (flows/webhook.py) with the Prefect call faked at the edge, and the model -> deployment
+routes it gets from prefect.yaml (flows/deploy.py). No server."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import subprocess
+import uuid
+import warnings
+from pathlib import Path
+
+import pytest
+
+with warnings.catch_warnings():  # starlette 1.x would rather have httpx2 behind its TestClient
+    warnings.simplefilter("ignore")
+    from starlette.testclient import TestClient
+
+from flows import webhook
+from flows.deploy import DeployError, load_plan
+
+SECRET = b"unit-test-secret-0123456789"
+NOW = 1_800_000_000
+ROUTES = {"smollm2-135m": ["certify/smollm2-135m-demo-cpu"]}
+
+
+class FakePrefect:
+    """Stands in for the Prefect API: records each flow run it is asked to start."""
+
+    def __init__(self, fail: bool = False):
+        self.calls: list[dict] = []
+        self.fail = fail
+
+    async def __call__(self, deployment: str, parameters: dict, idempotency_key: str, tags: list[str]) -> str:
+        if self.fail:
+            raise RuntimeError("prefect server unreachable")
+        self.calls.append({"deployment": deployment, "parameters": parameters, "idempotency_key": idempotency_key,
+                           "tags": tags})
+        return str(uuid.uuid5(uuid.NAMESPACE_URL, idempotency_key))
+
+
+def make_client(tmp_path: Path, launcher=None, *, clock=lambda: NOW, max_bytes: int = 4096) -> TestClient:
+    settings = webhook.Settings(secret=SECRET, tolerance_s=300, max_bytes=max_bytes, db_path=tmp_path / "d.db")
+    return TestClient(webhook.create_app(ROUTES, settings, launcher or FakePrefect(), clock=clock))
+
+
+def event(**fields) -> dict:
+    return {"delivery_id": "ci-1", "model": "smollm2-135m", "version": "2", "location": "/models/smollm2/v2"} | fields
+
+
+def post(client: TestClient, body: dict | bytes, *, timestamp: int = NOW, secret: bytes = SECRET,
+         signature: str | None = None):
+    raw = body if isinstance(body, bytes) else json.dumps(body).encode()
+    headers = {webhook.TIMESTAMP_HEADER: str(timestamp),
+               webhook.SIGNATURE_HEADER: signature or webhook.sign(secret, timestamp, raw),
+               "Content-Type": "application/json"}
+    return client.post(webhook.PATH, content=raw, headers=headers)
+
+
+def test_signed_delivery_starts_one_run_per_deployment_and_answers_202_with_its_id(tmp_path):
+    prefect = FakePrefect()
+    answer = post(make_client(tmp_path, prefect), event())
+    assert answer.status_code == 202, answer.text
+    [call] = prefect.calls
+    assert call["deployment"] == "certify/smollm2-135m-demo-cpu"
+    assert call["parameters"] == {"model_version": "2", "model_location": "/models/smollm2/v2"}
+    assert "ci-1" in call["idempotency_key"] and "webhook" in call["tags"]
+    assert answer.json()["flow_run_ids"] == [str(uuid.uuid5(uuid.NAMESPACE_URL, call["idempotency_key"]))]
+
+
+def test_without_a_location_only_the_version_is_passed(tmp_path):
+    prefect = FakePrefect()
+    assert post(make_client(tmp_path, prefect), event(location=None)).status_code == 202
+    assert prefect.calls[0]["parameters"] == {"model_version": "2"}
+
+
+@pytest.mark.parametrize("how", ["wrong secret", "other body", "missing", "garbage", "no timestamp"])
+def test_bad_or_missing_signature_is_401_and_starts_nothing(tmp_path, how):
+    prefect = FakePrefect()
+    client = make_client(tmp_path, prefect)
+    raw = json.dumps(event()).encode()
+    if how == "wrong secret":
+        answer = post(client, raw, secret=b"another-secret-0123456789")
+    elif how == "other body":
+        answer = post(client, raw, signature=webhook.sign(SECRET, NOW, raw.replace(b'"2"', b'"3"')))
+    elif how == "garbage":
+        answer = post(client, raw, signature="sha256=" + "g" * 64)
+    else:
+        headers = {webhook.TIMESTAMP_HEADER: str(NOW)} if how == "missing" else \
+            {webhook.SIGNATURE_HEADER: webhook.sign(SECRET, NOW, raw)}
+        answer = client.post(webhook.PATH, content=raw, headers=headers)
+    assert answer.status_code == 401, answer.text
+    assert prefect.calls == []
+
+
+@pytest.mark.parametrize("offset, status", [(-301, 401), (301, 401), (-299, 202), (299, 202)])
+def test_timestamp_must_be_within_the_tolerance(tmp_path, offset, status):
+    """The timestamp is signed, so a captured request cannot be replayed later with a fresh one."""
+    prefect = FakePrefect()
+    answer = post(make_client(tmp_path, prefect), event(), timestamp=NOW + offset)
+    assert answer.status_code == status, answer.text
+    assert len(prefect.calls) == (status == 202)
+    if status == 401:
+        assert "timestamp" in answer.json()["error"]
+
+
+@pytest.mark.parametrize("body, field", [
+    (b"{not json", "(body)"),
+    (b"[1, 2]", "(body)"),
+    (event(version=None), "version"),
+    ({k: v for k, v in event().items() if k != "model"}, "model"),
+    (event(delivery_id="has spaces/and slashes"), "delivery_id"),
+    (event(version=""), "version"),
+    (event(modle="typo"), "modle"),
+])
+def test_malformed_or_invalid_json_is_400_naming_the_field(tmp_path, body, field):
+    prefect = FakePrefect()
+    answer = post(make_client(tmp_path, prefect), body)
+    assert answer.status_code == 400, answer.text
+    assert answer.json()["field"] == field and field in answer.json()["error"]
+    assert prefect.calls == []
+
+
+def test_oversize_body_is_413_before_anything_else(tmp_path):
+    prefect = FakePrefect()
+    client = make_client(tmp_path, prefect, max_bytes=256)
+    answer = post(client, event(version="x" * 300))
+    assert answer.status_code == 413
+    assert post(client, b"x" * 10_000, signature="sha256=00").status_code == 413  # unsigned and huge: still 413
+    assert prefect.calls == []
+
+
+def test_unknown_model_is_404(tmp_path):
+    prefect = FakePrefect()
+    answer = post(make_client(tmp_path, prefect), event(model="llama-9000"))
+    assert answer.status_code == 404
+    assert answer.json()["known_models"] == ["smollm2-135m"]
+    assert prefect.calls == []
+
+
+def test_a_replayed_delivery_starts_no_second_run_even_after_a_restart(tmp_path):
+    prefect = FakePrefect()
+    first = post(make_client(tmp_path, prefect), event())
+    again = post(make_client(tmp_path, prefect), event(), timestamp=NOW + 60)  # a new app on the same database
+    assert first.status_code == 202 and again.status_code == 200, again.text
+    assert again.json()["status"] == "already handled"
+    assert again.json()["flow_run_ids"] == first.json()["flow_run_ids"]
+    assert len(prefect.calls) == 1
+    assert post(make_client(tmp_path, prefect), event(delivery_id="ci-2")).status_code == 202
+    assert len(prefect.calls) == 2
+
+
+def test_when_prefect_refuses_the_answer_is_502_and_a_retry_runs(tmp_path):
+    assert post(make_client(tmp_path, FakePrefect(fail=True)), event()).status_code == 502
+    prefect = FakePrefect()
+    assert post(make_client(tmp_path, prefect), event()).status_code == 202
+    assert len(prefect.calls) == 1
+
+
+def test_logs_never_show_the_secret_or_the_signature(tmp_path, caplog):
+    caplog.set_level(logging.DEBUG)
+    client = make_client(tmp_path)
+    raw = json.dumps(event()).encode()
+    signature = webhook.sign(SECRET, NOW, raw)
+    post(client, raw)
+    post(client, raw, signature=signature[:-4] + "0000")
+    post(client, raw, timestamp=NOW - 1000)
+    text = caplog.text
+    assert "rejected" in text
+    assert SECRET.decode() not in text and signature.removeprefix("sha256=")[:16] not in text
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl is not installed")
+def test_the_documented_openssl_recipe_computes_an_accepted_signature(tmp_path):
+    """The README's curl example signs with: printf '%s.%s' "$ts" "$body" | openssl dgst -sha256 -hmac "$secret"."""
+    raw = json.dumps(event())
+    out = subprocess.run(["sh", "-c", 'printf "%s.%s" "$TS" "$BODY" | openssl dgst -sha256 -hmac "$SECRET" | '
+                                      "awk '{print $NF}'"],
+                         env={"TS": str(NOW), "BODY": raw, "SECRET": SECRET.decode(), "PATH": "/usr/bin:/bin"},
+                         capture_output=True, text=True, check=True).stdout.strip()
+    assert post(make_client(tmp_path), raw.encode(), signature=f"sha256={out}").status_code == 202
+
+
+def test_settings_need_a_real_secret(monkeypatch):
+    monkeypatch.delenv("ENGINEWRIGHT_WEBHOOK_SECRET", raising=False)
+    with pytest.raises(ValueError, match="ENGINEWRIGHT_WEBHOOK_SECRET"):
+        webhook.Settings.from_env()
+    monkeypatch.setenv("ENGINEWRIGHT_WEBHOOK_SECRET", "short")
+    with pytest.raises(ValueError, match="at least 16"):
+        webhook.Settings.from_env()
+
+
+# The routes: which deployments follow a model, from prefect.yaml and its recipes.
+
+def test_the_project_prefect_yaml_routes_the_demo_model_to_its_cpu_deployment():
+    plan = load_plan()
+    [demo] = [d for d in plan.deployments if d.entry == "smollm2-135m-demo"]
+    assert demo.full_name == "certify/smollm2-135m-demo-cpu" and demo.pool == "cpu" and demo.targets == ["local"]
+    assert demo.parameters == {"recipe_path": "recipes/demo.yaml", "targets": ["local"]}
+    assert demo.schedules[0]["cron"] == "0 3 * * *"
+    pools = {name: pool.gpu for name, pool in plan.pools.items()}
+    assert {"cpu": "none", "gpu-h100": "H100", "gpu-b200": "B200"}.items() <= pools.items()
+    assert demo in plan.by_model()["smollm2-135m"]
+
+
+def _prefect_yaml(tmp_path: Path, targets: list[dict], **entry) -> Path:
+    recipe = Path("recipes/demo.yaml").resolve().read_text()
+    recipe = recipe.split("targets:")[0] + "targets:\n" + "".join(f"  - {json.dumps(t)}\n" for t in targets) + \
+        "evaluation:" + recipe.split("evaluation:")[1]
+    (tmp_path / "recipe.yaml").write_text(recipe)
+    config = {"enginewright": {"default_pool": "cpu", "work_pools": {
+        "cpu": {"gpu": "none"}, "gpu-h100": {"gpu": "H100"}, "gpu-b200": {"gpu": "sm_100"}}},
+        "deployments": [{"name": "multi", "parameters": {"recipe_path": str(tmp_path / "recipe.yaml")},
+                         "schedules": [{"cron": "0 1 * * *"}], **entry}]}
+    (tmp_path / "prefect.yaml").write_text(json.dumps(config))
+    return tmp_path / "prefect.yaml"
+
+
+def test_targets_are_routed_to_the_pool_of_their_gpu(tmp_path):
+    path = _prefect_yaml(tmp_path, [{"name": "local", "gpu": "auto"},
+                                    {"name": "h100", "gpu": "H100", "backend": "trtllm", "work_pool": "gpu-h100"},
+                                    {"name": "b200", "gpu": "B200", "backend": "trtllm", "work_pool": "gpu-b200"},
+                                    {"name": "h200", "gpu": "H200", "backend": "trtllm", "work_pool": "gpu-h100"}])
+    plan = load_plan(path)
+    assert {d.name: (d.pool, d.targets) for d in plan.deployments} == {
+        "multi-cpu": ("cpu", ["local"]), "multi-gpu-h100": ("gpu-h100", ["h100", "h200"]),
+        "multi-gpu-b200": ("gpu-b200", ["b200"])}
+    assert all(d.parameters["targets"] == d.targets and "pool:" + d.pool in d.tags for d in plan.deployments)
+
+
+@pytest.mark.parametrize("target, message", [
+    ({"name": "h100", "gpu": "H100", "backend": "trtllm"}, "goes to the CPU pool"),
+    ({"name": "h100", "gpu": "H100", "backend": "trtllm", "work_pool": "gpu-b200"}, "pool 'gpu-b200' has"),
+    ({"name": "h100", "gpu": "H100", "backend": "trtllm", "work_pool": "gpu-h1000"}, "does not define"),
+])
+def test_a_target_on_a_pool_without_its_gpu_is_refused_at_deploy_time(tmp_path, target, message):
+    with pytest.raises(DeployError, match=message):
+        load_plan(_prefect_yaml(tmp_path, [target]))
+
+
+def test_a_bad_schedule_is_refused(tmp_path):
+    path = _prefect_yaml(tmp_path, [{"name": "local"}])
+    config = json.loads(path.read_text())
+    config["deployments"][0]["schedules"] = [{"cron": "0 1 * * *", "interval": 60}, {"cronn": "x"}]
+    path.write_text(json.dumps(config))
+    with pytest.raises(DeployError, match="exactly one of cron") as err:
+        load_plan(path)
+    assert "cronn" in str(err.value)
