@@ -11,7 +11,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from prefect import flow
+from prefect import flow, task
+from prefect.cache_policies import NO_CACHE
 
 from flows.stages import (build_task, calibrate_task, evaluate_task, gate_task, import_task, latency_task,
                           quantize_task)
@@ -39,7 +40,8 @@ class RunRecord:
     def stage(self, name: str, subject: str, started: float, result) -> None:
         cached = bool(getattr(result, "cached", False))
         seconds = round(time.perf_counter() - started, 2)
-        self.stages.append({"stage": name, "subject": subject, "seconds": seconds, "cached": cached})
+        self.stages.append({"stage": name, "subject": subject, "seconds": seconds, "cached": cached,
+                            "started_at": round(time.time() - seconds, 3)})
         log.info("%-9s %-28s %s", name, subject, "cache hit" if cached else f"{seconds:.1f} s")
 
 
@@ -209,18 +211,21 @@ def _certify(recipe, base_dir, device, plan, record: RunRecord) -> None:
         except QuantizationError as exc:
             quant_errors[fmt] = str(exc)
 
-    for target in recipe.targets:
+    futures = {}
+    for target in recipe.targets:  # every placed target at once; each reports its own outcome
         arch = plan.target_arch[target.name]
         pairs = [p for p in plan.pairs if p.target == target.name]
         if target.name in plan.unplaced:
             record.rows += [_row(p.format, target, arch, "skipped", p.skip_reason) for p in pairs]
             continue
+        futures[target.name] = certify_target_task.submit(recipe, target, arch, pairs, model, calib, quantized,
+                                                          quant_errors, device, lineage, record)
+    for name, future in futures.items():
         try:
-            _certify_target(recipe, target, arch, pairs, model, calib, quantized, quant_errors, device, lineage,
-                            record)
+            future.result()
         except Exception as exc:  # one target failing must not stop the others
-            log.exception("target %s failed", target.name)
-            record.errors.append(f"target {target.name}: {type(exc).__name__}: {exc}")
+            log.error("target %s failed: %s: %s", name, type(exc).__name__, exc)
+            record.errors.append(f"target {name}: {type(exc).__name__}: {exc}")
 
 
 def _certify_target(recipe, target, arch, pairs, model, calib, quantized, quant_errors, device, lineage,
@@ -310,3 +315,7 @@ def _promote(recipe, target, arch, passing, choice, lineage, record: RunRecord) 
                                            format_cost=registry.FORMAT_COST))
         row["alias"] = f"{outcome['alias']} ({outcome['action']})"
         record.promotions.append({"registered_model": name, "target": target.name, **outcome})
+
+
+certify_target_task = task(_certify_target, name="certify-target", cache_policy=NO_CACHE,
+                           task_run_name="target-{target.name}")

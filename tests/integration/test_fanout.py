@@ -1,0 +1,61 @@
+"""Targets run in parallel inside one flow run, and a failing target does not stop the others."""
+
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def prefect_harness(tmp_path_factory):
+    import os
+
+    os.environ["PREFECT_HOME"] = str(tmp_path_factory.mktemp("prefect-home"))
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+def test_targets_fan_out_and_fail_independently(prefect_harness, tiny_model_dir, tmp_path, monkeypatch):
+    from flows.pipeline import certify
+    from tasks.backends import reference
+
+    recipe = {
+        "name": "fanout", "model": {"source": "hf_dir", "path": str(tiny_model_dir), "name": "tiny"},
+        "calibration": {"source": "pydoc_topics", "samples": 8, "max_tokens": 64},
+        "quantization": {"formats": ["fp8"]},
+        "targets": [{"name": "a"}, {"name": "b", "max_batch_size": 4}, {"name": "broken", "max_batch_size": 2}],
+        "evaluation": {"tasks": ["holdout_perplexity"], "limit": 4, "batch_size": 4, "max_length": 128},
+        "latency": {"requests": 2, "warmup": 0, "input_tokens": 8, "output_tokens": 3},
+        "gates": {"accuracy": {"tasks": {"holdout_perplexity": {"max_relative_increase": 5.0}}}},
+        "registry": {"name": "tiny"}}
+    path = tmp_path / "fanout.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+
+    real_build = reference.build_profile
+
+    def slow_or_broken(*, checkpoint_dir, target, device, out):
+        if target.name == "broken":
+            raise RuntimeError("simulated build failure on this target")
+        time.sleep(2)  # long enough that two targets running one after the other could not overlap
+        return real_build(checkpoint_dir=checkpoint_dir, target=target, device=device, out=out)
+
+    monkeypatch.setattr(reference, "build_profile", slow_or_broken)
+    result = certify(str(path))
+
+    assert result["errors"] == ["target broken: RuntimeError: simulated build failure on this target"]
+    statuses = {(r["format"], r["target"]): r["status"] for r in result["rows"]}
+    assert statuses[("none", "a")] == statuses[("none", "b")] == "baseline"
+    assert statuses[("fp8", "a")] in ("pass", "fail", "undecided") and statuses[("fp8", "b")] in ("pass", "fail", "undecided")
+    windows = {}
+    for s in result["stages"]:
+        target = s["subject"].split("@")[-1]
+        if s["stage"] == "build" and target in ("a", "b"):
+            lo, hi = windows.get(target, (float("inf"), 0))
+            windows[target] = (min(lo, s["started_at"]), max(hi, s["started_at"] + s["seconds"]))
+    (a0, a1), (b0, b1) = windows["a"], windows["b"]
+    assert a0 < b1 and b0 < a1, f"builds of a and b did not overlap: {windows}"
