@@ -23,13 +23,16 @@ console = Console(width=None if sys.stdout.isatty() else 200)  # wide tables in 
 OVERRIDE_HELP = "Override a recipe field: key.path=value (repeatable), e.g. --set gates.latency.ttft_p95_ms=500"
 
 
-def _load(recipe: Path, overrides: list[str] | None) -> Recipe:
+def _load_with_dir(recipe: Path, overrides: list[str] | None) -> tuple[Recipe, Path]:
     try:
-        loaded, _ = load_recipe(recipe, overrides or [])
+        return load_recipe(recipe, overrides or [])
     except RecipeError as exc:
         typer.echo(f"recipe error: {exc}", err=True)
         raise typer.Exit(2) from None
-    return loaded
+
+
+def _load(recipe: Path, overrides: list[str] | None) -> Recipe:
+    return _load_with_dir(recipe, overrides)[0]
 
 
 @app.command(epilog="Example: enginewright validate recipes/demo.yaml --set quantization.formats=[fp8]")
@@ -45,16 +48,24 @@ def validate(recipe: Path = typer.Argument(..., help="recipe YAML"),
 def plan(recipe: Path = typer.Argument(..., help="recipe YAML"),
          set_: Optional[List[str]] = typer.Option(None, "--set", help=OVERRIDE_HELP),
          as_json: bool = typer.Option(False, "--json", help="print the plan as JSON")) -> None:
-    """Show every (format, target) pair that would run and each skipped pair with its reason. Runs nothing heavy."""
+    """Show every (format, target) pair that would run, each skipped pair with its reason, and which stages are
+    cached and which would rerun and why. Runs nothing heavy."""
+    from flows import env
+
+    loaded, base_dir = _load_with_dir(recipe, set_)
+    env.configure(offline=not env.recipe_needs_hub(loaded))
     from tasks import store
+    from tasks.cache_status import plan_stages
     from tasks.targets import make_plan
 
-    loaded = _load(recipe, set_)
-    result = make_plan(loaded, store.local_device())
+    device = store.local_device()
+    result = make_plan(loaded, device, dispatch=bool(os.environ.get("PREFECT_API_URL")))
     pairs = [{"format": p.format, "target": p.target, "arch": p.arch,
               "action": "skip" if p.skip_reason else "run", "reason": p.skip_reason} for p in result.pairs]
+    stages = plan_stages(loaded, base_dir, result, device)
     if as_json:
-        print(json.dumps({"recipe": loaded.name, "pairs": pairs}, indent=2))
+        print(json.dumps({"recipe": loaded.name, "device": device["arch"], "pairs": pairs, "stages": stages},
+                         indent=2))
         return
     table = Table(title=f"plan: {loaded.name}")
     for col in ("format", "target", "arch", "action", "reason"):
@@ -62,6 +73,12 @@ def plan(recipe: Path = typer.Argument(..., help="recipe YAML"),
     for p in pairs:
         table.add_row(p["format"], p["target"], p["arch"], p["action"], p["reason"] or "")
     console.print(table)
+    cache = Table(title=f"stages on this machine ({device['arch']})")
+    for col in ("stage", "subject", "action", "why"):
+        cache.add_column(col)
+    for s in stages:
+        cache.add_row(s["stage"], s["subject"], s["action"], s["reason"])
+    console.print(cache)
 
 
 @app.command(epilog="Examples:\n\n  enginewright run recipes/demo.yaml\n\n"

@@ -40,10 +40,15 @@ class BuildArtifact:
     cached: bool = False
 
 
-def cache_key(*, checkpoint_fp: str, fmt: str, target, arch: str, toolchain: dict) -> str:
-    options = target.model_dump(mode="json", exclude={"name", "work_pool"})
-    return store.key_of("build", checkpoint_fp, fmt, options, arch, toolchain,
-                        store.source_digest(sys.modules[__name__], backend(target.backend)))
+def key_parts(*, checkpoint_fp: str, fmt: str, target, arch: str, toolchain: dict) -> dict:
+    """Everything a profile depends on, by name (recorded in its manifest; `plan` diffs them)."""
+    return {"checkpoint": checkpoint_fp, "format": fmt, "arch": arch, "toolchain": toolchain,
+            "options": target.model_dump(mode="json", exclude={"name", "work_pool"}),
+            "code": store.source_digest(sys.modules[__name__], backend(target.backend))}
+
+
+def profile_dir(model_slug: str, fmt: str, arch: str, tp: int, key: str) -> Path:
+    return store.home() / "profiles" / model_slug / fmt / f"{arch}-tp{tp}" / key[:16]
 
 
 def build(*, model_slug: str, checkpoint_dir: str, checkpoint_fp: str, fmt: str, quant_algo: str | None,
@@ -52,8 +57,9 @@ def build(*, model_slug: str, checkpoint_dir: str, checkpoint_fp: str, fmt: str,
     impl = backend(target.backend)
     arch = device["arch"]
     toolchain = impl.toolchain_versions()
-    key = cache_key(checkpoint_fp=checkpoint_fp, fmt=fmt, target=target, arch=arch, toolchain=toolchain)
-    out = store.home() / "profiles" / model_slug / fmt / f"{arch}-tp{target.tp}" / key[:16]
+    parts = key_parts(checkpoint_fp=checkpoint_fp, fmt=fmt, target=target, arch=arch, toolchain=toolchain)
+    key = store.key_of("build", parts)
+    out = profile_dir(model_slug, fmt, arch, target.tp, key)
     manifest = store.read_manifest(out)
     cached = manifest is not None
     if manifest is None:
@@ -61,7 +67,7 @@ def build(*, model_slug: str, checkpoint_dir: str, checkpoint_fp: str, fmt: str,
         with store.atomic_dir(out) as tmp:
             options = impl.build_profile(checkpoint_dir=checkpoint_dir, target=target, device=device, out=tmp)
             manifest = store.write_manifest(tmp, {
-                "stage": "build", "key": key, "backend": target.backend, "format": fmt, "quant_algo": quant_algo,
+                "stage": "build", "key": key, "inputs": parts, "backend": target.backend, "format": fmt, "quant_algo": quant_algo,
                 "target": {"name": target.name, "arch": arch, "tp": target.tp, "gpu_name": device.get("gpu_name"),
                            "gpu_count": device.get("gpu_count"), "driver": device.get("driver"),
                            "cuda": device.get("cuda")},

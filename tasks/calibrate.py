@@ -111,11 +111,15 @@ def split_and_sample(texts: list[str], spec: CalibrationSpec) -> tuple[list[str]
     return sample, holdout, counts
 
 
+def cache_key(spec: CalibrationSpec, *, model_dir: str, base_dir: Path) -> str:
+    sampling = spec.model_dump(mode="json", exclude={"representativeness"})  # thresholds do not change the set
+    return store.key_of("calibrate", source_fingerprint(spec, base_dir), sampling,
+                        tokenizer_fingerprint(Path(model_dir)), store.source_digest(sys.modules[__name__]))
+
+
 def calibrate(spec: CalibrationSpec, *, model_dir: str, base_dir: Path) -> CalibrationArtifact:
     """Build the calibration set (parquet) and the held-out split, keyed by source content, sampling and tokenizer."""
-    sampling = spec.model_dump(mode="json", exclude={"representativeness"})  # thresholds do not change the set
-    key = store.key_of("calibrate", source_fingerprint(spec, base_dir), sampling,
-                       tokenizer_fingerprint(Path(model_dir)), store.source_digest(sys.modules[__name__]))
+    key = cache_key(spec, model_dir=model_dir, base_dir=base_dir)
     out = store.stage_dir("calibration", key)
     manifest = store.read_manifest(out)
     if manifest is None:

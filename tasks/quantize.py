@@ -91,11 +91,18 @@ def build_quant_config(fmt: str, *, kv_cache: str, awq_block_size: int | None) -
     return cfg
 
 
-def cache_key(*, model_fp: str, calib_digest: str, fmt: str, kv_cache: str, awq_block_size: int | None,
-              max_tokens: int, batch_size: int, device: str) -> str:
-    return store.key_of("quantize", model_fp, calib_digest, fmt, kv_cache, awq_block_size, max_tokens, batch_size,
-                        device, store.version_of("nvidia-modelopt"), store.version_of("torch"),
-                        store.version_of("transformers"), store.source_digest(sys.modules[__name__]))
+def key_parts(*, model_fp: str, calib_digest: str, fmt: str, kv_cache: str, awq_block_size: int | None,
+              max_tokens: int, batch_size: int, device: str) -> dict:
+    """Everything a quantized checkpoint depends on, by name (recorded in its manifest; `plan` diffs them)."""
+    return {"model": model_fp, "calibration": calib_digest, "format": fmt, "kv_cache": kv_cache,
+            "awq_block_size": awq_block_size, "max_tokens": max_tokens, "batch_size": batch_size, "device": device,
+            "toolchain": {"modelopt": store.version_of("nvidia-modelopt"), "torch": store.version_of("torch"),
+                          "transformers": store.version_of("transformers")},
+            "code": store.source_digest(sys.modules[__name__])}
+
+
+def resolved_block_size(fmt: str, model_dir: str, requested: int | None) -> int | None:
+    return choose_awq_block_size(_linear_sizes_from_config(model_dir), requested) if fmt in AWQ_FORMATS else None
 
 
 def quantize(*, model_dir: str, model_fp: str, calibration_file: str, calib_digest: str, fmt: str,
@@ -111,17 +118,15 @@ def quantize(*, model_dir: str, model_fp: str, calibration_file: str, calib_dige
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if fmt in CUDA_ONLY_FORMATS and device != "cuda":
         raise QuantizationError(f"{fmt}: {CUDA_ONLY_FORMATS[fmt]}")
-    if fmt in AWQ_FORMATS:
-        awq_block_size = choose_awq_block_size(_linear_sizes_from_config(model_dir), awq_block_size)
-    else:
-        awq_block_size = None
-    key = cache_key(model_fp=model_fp, calib_digest=calib_digest, fmt=fmt, kv_cache=kv_cache,
-                    awq_block_size=awq_block_size, max_tokens=max_tokens, batch_size=batch_size, device=device)
+    awq_block_size = resolved_block_size(fmt, model_dir, awq_block_size)
+    parts = key_parts(model_fp=model_fp, calib_digest=calib_digest, fmt=fmt, kv_cache=kv_cache,
+                      awq_block_size=awq_block_size, max_tokens=max_tokens, batch_size=batch_size, device=device)
+    key = store.key_of("quantize", parts)
     out = store.stage_dir(f"quantized/{fmt}", key)
     manifest = store.read_manifest(out)
     if manifest is None:
         manifest = _quantize_and_export(model_dir, calibration_file, fmt, kv_cache, awq_block_size, max_tokens,
-                                        batch_size, device, key, out)
+                                        batch_size, device, key, out, parts)
         cached = False
     else:
         cached = True
@@ -141,7 +146,7 @@ def _linear_sizes_from_config(model_dir: str) -> dict[str, int]:
 
 
 def _quantize_and_export(model_dir, calibration_file, fmt, kv_cache, awq_block_size, max_tokens, batch_size,
-                         device, key, out) -> dict:
+                         device, key, out, parts) -> dict:
     import time
 
     import modelopt.torch.opt as mto
@@ -186,7 +191,7 @@ def _quantize_and_export(model_dir, calibration_file, fmt, kv_cache, awq_block_s
         quant_config = _read_json(tmp / "unified" / "hf_quant_config.json")
         seconds = round(time.perf_counter() - started, 2)
         manifest = store.write_manifest(tmp, {
-            "stage": "quantize", "key": key, "format": fmt, "kv_cache": kv_cache, "awq_block_size": awq_block_size,
+            "stage": "quantize", "key": key, "inputs": parts, "format": fmt, "kv_cache": kv_cache, "awq_block_size": awq_block_size,
             "device": device, "seconds": seconds, "toolchain": store.toolchain(),
             "quant_algo": (quant_config or {}).get("quantization", {}).get("quant_algo"),
             "hf_quant_config": quant_config,

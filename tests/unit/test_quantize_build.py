@@ -102,3 +102,18 @@ def test_reference_model_restores_fake_quant(tiny_model_dir, calib_file):
     model, _ = reference.load_model(Path(art.path))
     quantizers = [n for n, _ in model.named_modules() if n.endswith("weight_quantizer")]
     assert quantizers, "the reference backend must compute with the quantizers, not plain weights"
+
+
+def test_plan_explains_why_a_stage_would_rerun(tiny_model_dir, calib_file, monkeypatch):
+    from tasks import cache_status
+
+    q = _quantize(tiny_model_dir, calib_file)
+    parts = store.read_manifest(Path(q.path))["inputs"]
+    assert cache_status.explain(Path(q.path), [], parts) == (True, "cache hit")
+    real = store.version_of
+    monkeypatch.setattr(store, "version_of", lambda d: "0.99.0" if d == "nvidia-modelopt" else real(d))
+    new_parts = quantize.key_parts(model_fp="fp-fp8", calib_digest="digest", fmt="fp8", kv_cache="none",
+                                   awq_block_size=None, max_tokens=64, batch_size=4, device=parts["device"])
+    out = store.stage_dir("quantized/fp8", store.key_of("quantize", new_parts))
+    cached, reason = cache_status.explain(out, [Path(q.path)], new_parts)
+    assert not cached and reason == f"toolchain.modelopt: {real('nvidia-modelopt')} → 0.99.0"
