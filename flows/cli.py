@@ -87,17 +87,23 @@ def run(recipe: Path = typer.Argument(..., help="recipe YAML"),
         set_: Optional[List[str]] = typer.Option(None, "--set", help=OVERRIDE_HELP),
         json_out: Optional[Path] = typer.Option(None, "--json-out", help="also write the run record as JSON")) -> None:
     """Run calibrate -> quantize -> build -> validate -> promote for a recipe, as a Prefect flow."""
+    import warnings
+
     from flows import env
 
     loaded = _load(recipe, set_)
     env.configure(offline=not env.recipe_needs_hub(loaded))
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"mlflow\..*")  # schema-inference hints
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     for noisy in ("httpx", "httpcore"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     from flows.pipeline import certify
 
     started = time.perf_counter()
-    result = certify(str(recipe), set_ or [])
+    state = certify(str(recipe), set_ or [], return_state=True)
+    result = state.result(raise_on_failure=False)
+    if isinstance(result, BaseException):  # the flow crashed before it had a run record
+        raise result
     result["wall_seconds"] = round(time.perf_counter() - started, 1)
     if json_out:
         json_out.write_text(json.dumps(result, indent=2, default=str))

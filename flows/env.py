@@ -21,6 +21,7 @@ def configure(*, offline: bool) -> None:
         os.environ.setdefault("PREFECT_HOME", str(home / "prefect"))
         os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_ENABLED", "true")
         os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+        os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # no telemetry calls from laptops/CI
     for key, value in flow_run_env(offline=offline).items():
         os.environ.setdefault(key, value)
 

@@ -13,12 +13,13 @@ from pathlib import Path
 
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
+from prefect.states import Failed
 
 from flows.stages import (build_task, calibrate_task, evaluate_task, gate_task, import_task, latency_task,
                           quantize_task)
 from recipes.schema import load_recipe
 from registry import mlflow_registry as registry
-from tasks import ladder, store
+from tasks import ladder, promote, store
 from tasks.build import BASELINE
 from tasks.quantize import QuantizationError
 from tasks.targets import make_plan
@@ -100,7 +101,8 @@ def resolve_inputs(recipe_path: str, overrides: list[str] | None, model_location
 @flow(name="certify", log_prints=True)
 def certify(recipe_path: str, overrides: list[str] | None = None, model_location: str | None = None,
             model_version: str | None = None, targets: list[str] | None = None, dry_run: bool = False) -> dict:
-    """Certify a model for every target in the recipe; returns the run record as a dict.
+    """Certify a model for every target in the recipe; returns the run record as a dict (the flow run is Failed,
+    with the record as its data, when a target or stage errored; a gate saying no is not an error).
 
     Args:
         recipe_path: the recipe YAML (relative to the working directory of the process that runs the flow).
@@ -132,9 +134,12 @@ def certify(recipe_path: str, overrides: list[str] | None = None, model_location
                                           "promotions": record.promotions, "errors": record.errors}, "summary.json")
         _publish_report(recipe, record)
         registry.end_run(record.run_id, status)
-    return {"run_id": record.run_id, "stages": record.stages, "rows": record.rows, "promotions": record.promotions,
-            "decisions": record.decisions, "errors": record.errors, "report": record.report,
-            "gated_load": recipe.gated_load, "tracking_uri": registry.tracking_uri()}
+    result = {"run_id": record.run_id, "stages": record.stages, "rows": record.rows, "promotions": record.promotions,
+              "decisions": record.decisions, "errors": record.errors, "report": record.report,
+              "gated_load": recipe.gated_load, "tracking_uri": registry.tracking_uri()}
+    if record.errors:  # the run record still comes back: state.result(raise_on_failure=False)
+        return Failed(message="; ".join(record.errors), data=result)
+    return result
 
 
 def _publish_report(recipe, record: RunRecord) -> None:
@@ -285,36 +290,8 @@ def _certify_target(recipe, target, arch, pairs, model, calib, quantized, quant_
 
 
 def _promote(recipe, target, arch, passing, choice, lineage, record: RunRecord) -> None:
-    """Register every passing rung (idempotent by fingerprint); the ladder's choice contends for the alias."""
-    if choice.format is None:
-        return
-    name = registry.registered_name(recipe.registry.name, target.backend)
-    load = recipe.gated_load
-    for profile, decision, run_id, row in passing:
-        accuracy = [v for v in decision.verdicts if v.bound is not None]
-        tags = lineage | {
-            "gpu_arch": arch, "target": target.name, "gpu_name": profile.manifest["target"].get("gpu_name") or "none",
-            "tp_size": target.tp, "quant_format": profile.format, "quant_algo": profile.manifest.get("quant_algo"),
-            "kv_cache_dtype": recipe.quantization.kv_cache, "backend": target.backend,
-            "candidate_run_id": run_id, "accuracy_degradation": accuracy[0].value if accuracy else None,
-            **{f"toolchain.{k}": v for k, v in profile.manifest["toolchain"].items()},
-            **{f"gate.{v.gate}": f"{v.verdict} value={v.value} bound={v.bound} threshold={v.threshold}"
-               for v in decision.verdicts},
-            **{f"metric.{k}": row["latency"][load].get(k) for k in ladder.HIGHER_IS_BETTER},
-            "latency_load": load, "ladder_strategy": recipe.ladder.strategy,
-        }
-        version, _ = registry.register_version(name=name, profile_dir=profile.path, fingerprint=profile.fingerprint,
-                                               run_id=run_id, tags=tags)
-        row["registry"] = f"{name} v{version}"
-        if profile.format != choice.format:
-            continue
-        outcome = registry.promote(
-            name=name, version=version, alias=registry.alias_for(recipe.registry.alias_prefix, arch, target.tp),
-            challenger_alias=registry.alias_for("challenger", arch, target.tp),
-            rank=lambda t: ladder.rank_key(t, strategy=recipe.ladder.strategy, metric=recipe.ladder.metric,
-                                           format_cost=registry.FORMAT_COST))
-        row["alias"] = f"{outcome['alias']} ({outcome['action']})"
-        record.promotions.append({"registered_model": name, "target": target.name, **outcome})
+    record.promotions += promote.promote(recipe=recipe, target=target, arch=arch, passing=passing, choice=choice,
+                                         lineage=lineage)
 
 
 certify_target_task = task(_certify_target, name="certify-target", cache_policy=NO_CACHE,

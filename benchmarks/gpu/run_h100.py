@@ -2,8 +2,9 @@
 
 Runs import -> calibrate (CUDA forward passes) -> quantize (every format valid for some target: NVFP4, INT4-AWQ,
 FP8) -> build on this GPU's arch (NVFP4 is skipped for sm_90 with its reason) -> validate (lm-eval + latency) ->
-gates, with the same stage functions the Prefect flow calls. Prefect and MLflow are not needed on the GPU host:
-the run record (manifests, metrics, verdicts) is written as JSON, and `register_results.py` registers it.
+gates, with the same stage functions the Prefect flow calls, then promotes through MLflow (a SQLite file in the store) and
+resolves what this GPU should serve. Prefect is not needed on the GPU host. The run record (stage times, manifests,
+metrics, verdicts, registry tags) is written as JSON.
 
     python benchmarks/gpu/run_h100.py --recipe recipes/gpu-h100.yaml --out results.json \
         [--shaped-model-tokenizer DIR]   # no GGUF on the host: a SmolLM2-shaped Llama (random init) + this tokenizer
@@ -94,6 +95,15 @@ def main() -> None:
                     device=device)
         return acc, lat
 
+    from registry import mlflow_registry as registry
+    from tasks import ladder, promote
+
+    run_id = registry.start_pipeline_run(experiment=recipe.name, run_name="gpu-path", recipe_file=Path(args.recipe),
+                                         recipe_digest=recipe.digest(), params={"device": device["arch"]},
+                                         tags={"model": recipe.model.slug})
+    lineage = {"model_fingerprint": model.fingerprint, "calibration_digest": calib.digest,
+               "recipe_sha": recipe.digest(), "source_run_id": run_id, "model_source": model.source}
+    load = recipe.gated_load
     for target in recipe.targets:
         pairs = [p for p in plan.pairs if p.target == target.name]
         if target.name in plan.unplaced:
@@ -105,6 +115,7 @@ def main() -> None:
         base_acc, base_lat = validate(base)
         record["rows"].append({"format": "none", "target": target.name, "status": "baseline",
                                "accuracy": base_acc.metrics, "latency": base_lat.summary, "manifest": base.manifest})
+        rungs, passing = [], []
         for p in pairs:
             if p.skip_reason:
                 record["rows"].append({"format": p.format, "target": p.target, "status": "skipped",
@@ -116,15 +127,35 @@ def main() -> None:
                          quant_algo=q.quant_algo, target=target, device=device)
             acc, lat = validate(prof)
             decision = gates.gate(baseline_items_file=base_acc.items_file, candidate_items_file=acc.items_file,
-                                  baseline_latency=base_lat.summary, candidate_latency=lat.summary, gates=recipe.gates)
-            record["rows"].append({"format": p.format, "target": target.name, "status": decision.status,
-                                   "reason": decision.reason, "accuracy": acc.metrics, "latency": lat.summary,
-                                   "verdicts": [v.as_dict() for v in decision.verdicts], "manifest": prof.manifest})
+                                  baseline_latency=base_lat.summary[load], candidate_latency=lat.summary[load],
+                                  gates=recipe.gates)
+            child = registry.start_child_run(run_id, run_name=f"{p.format}@{target.name}",
+                                             params={"format": p.format, "arch": p.arch}, tags={})
+            row = {"format": p.format, "target": target.name, "status": decision.status, "reason": decision.reason,
+                   "accuracy": acc.metrics, "latency": lat.summary,
+                   "verdicts": [v.as_dict() for v in decision.verdicts], "manifest": prof.manifest}
+            record["rows"].append(row)
+            rungs.append({"format": p.format, "status": decision.status, "reason": decision.reason,
+                          "latency": lat.summary[load]})
+            if decision.passed:
+                passing.append((prof, decision, child, row))
+        choice = ladder.choose(rungs, strategy=recipe.ladder.strategy, metric=recipe.ladder.metric)
+        record.setdefault("decisions", {})[target.name] = choice.__dict__
+        record.setdefault("promotions", []).extend(promote.promote(
+            recipe=recipe, target=target, arch=plan.target_arch[target.name], passing=passing, choice=choice,
+            lineage=lineage))
+        try:
+            record.setdefault("resolve", {})[target.name] = registry.resolve(
+                name=registry.registered_name(recipe.registry.name, target.backend), arch=plan.target_arch[target.name])
+        except LookupError as exc:
+            record.setdefault("resolve", {})[target.name] = str(exc)
     Path(args.out).write_text(json.dumps(record, indent=2, default=str))
     for row in record["rows"]:
         ppl = row.get("accuracy", {}).get("holdout_perplexity", {}).get("word_perplexity")
         print(f"{row['format']:9s} {row['target']:6s} {row['status']:9s} ppl={ppl} "
-              f"ttft_p95={row.get('latency', {}).get('ttft_ms_p95')} {row.get('reason', '')[:160]}")
+              f"ttft_p95={row.get('latency', {}).get(load, {}).get('ttft_ms_p95')} {row.get('reason', '')[:160]}")
+    print(json.dumps({"decisions": record.get("decisions"), "promotions": record.get("promotions"),
+                      "resolve": record.get("resolve")}, indent=1, default=str))
 
 
 if __name__ == "__main__":

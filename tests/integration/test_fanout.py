@@ -45,7 +45,9 @@ def test_targets_fan_out_and_fail_independently(prefect_harness, tiny_model_dir,
         return real_build(checkpoint_dir=checkpoint_dir, target=target, device=device, out=out)
 
     monkeypatch.setattr(reference, "build_profile", slow_or_broken)
-    result = certify(str(path))
+    state = certify(str(path), return_state=True)
+    assert state.is_failed() and "broken" in state.message
+    result = state.result(raise_on_failure=False)
 
     assert result["errors"] == ["target broken: RuntimeError: simulated build failure on this target"]
     statuses = {(r["format"], r["target"]): r["status"] for r in result["rows"]}

@@ -1,0 +1,46 @@
+"""Promote: register every passing rung as a registry version with its tags; the ladder's choice contends for the
+target's per-architecture alias. Idempotent: a profile already registered keeps its version."""
+
+from __future__ import annotations
+
+from registry import mlflow_registry as registry
+from tasks import ladder
+
+
+def version_tags(*, recipe, target, arch: str, profile, decision, run_id: str, latency: dict, lineage: dict) -> dict:
+    accuracy = [v for v in decision.verdicts if v.bound is not None]
+    return lineage | {
+        "gpu_arch": arch, "target": target.name, "gpu_name": profile.manifest["target"].get("gpu_name") or "none",
+        "tp_size": target.tp, "quant_format": profile.format, "quant_algo": profile.manifest.get("quant_algo"),
+        "kv_cache_dtype": recipe.quantization.kv_cache, "backend": target.backend,
+        "candidate_run_id": run_id, "accuracy_degradation": accuracy[0].value if accuracy else None,
+        **{f"toolchain.{k}": v for k, v in profile.manifest["toolchain"].items()},
+        **{f"gate.{v.gate}": f"{v.verdict} value={v.value} bound={v.bound} threshold={v.threshold}"
+           for v in decision.verdicts},
+        **{f"metric.{k}": latency.get(k) for k in ladder.HIGHER_IS_BETTER},
+        "latency_load": recipe.gated_load, "ladder_strategy": recipe.ladder.strategy,
+    }
+
+
+def promote(*, recipe, target, arch: str, passing: list[tuple], choice, lineage: dict) -> list[dict]:
+    """passing: (profile, decision, run_id, row) per passing rung; rows get their registry version and alias."""
+    if choice.format is None:
+        return []
+    name = registry.registered_name(recipe.registry.name, target.backend)
+    outcomes = []
+    for profile, decision, run_id, row in passing:
+        tags = version_tags(recipe=recipe, target=target, arch=arch, profile=profile, decision=decision,
+                            run_id=run_id, latency=row["latency"][recipe.gated_load], lineage=lineage)
+        version, _ = registry.register_version(name=name, profile_dir=profile.path, fingerprint=profile.fingerprint,
+                                               run_id=run_id, tags=tags)
+        row["registry"] = f"{name} v{version}"
+        if profile.format != choice.format:
+            continue
+        outcome = registry.promote(
+            name=name, version=version, alias=registry.alias_for(recipe.registry.alias_prefix, arch, target.tp),
+            challenger_alias=registry.alias_for("challenger", arch, target.tp),
+            rank=lambda t: ladder.rank_key(t, strategy=recipe.ladder.strategy, metric=recipe.ladder.metric,
+                                           format_cost=registry.FORMAT_COST))
+        row["alias"] = f"{outcome['alias']} ({outcome['action']})"
+        outcomes.append({"registered_model": name, "target": target.name, **outcome})
+    return outcomes

@@ -1,0 +1,32 @@
+from recipes.schema import Recipe
+from tasks.report import write_report
+
+
+def test_report_shows_every_rung_the_decision_and_plots(tmp_path):
+    recipe = Recipe.model_validate({
+        "name": "r", "model": {"source": "hub", "id": "x/y"}, "calibration": {"source": "pydoc_topics"},
+        "quantization": {"formats": ["int8_sq", "fp8"]}, "targets": [{"name": "local"}],
+        "evaluation": {"tasks": ["holdout_perplexity"]}, "latency": {"concurrency": [1, 4]},
+        "gates": {"accuracy": {"tasks": {"holdout_perplexity": {"max_relative_increase": 0.08}}},
+                  "latency": {"ttft_p95_ms": 900}},
+        "registry": {"name": "m"}})
+    lat = lambda tps, ttft: {"concurrency=4": {"output_tokens_per_s": tps, "ttft_ms_p50": ttft / 2, "ttft_ms_p90": ttft,
+                                               "ttft_ms_p95": ttft, "ttft_ms_p99": ttft, "tpot_ms_p50": 10,
+                                               "tpot_ms_p95": 12}}
+    ppl = lambda value, bound, verdict: [{"gate": "holdout_perplexity", "value": value, "bound": bound,
+                                          "verdict": verdict}]
+    rows = [
+        {"format": "none", "target": "local", "arch": "cpu-x86_64", "status": "baseline", "latency": lat(20, 300)},
+        {"format": "int8_sq", "target": "local", "arch": "cpu-x86_64", "status": "fail", "reason": "ppl too high",
+         "latency": lat(8, 600), "verdicts": ppl(0.15, 0.19, "fail")},
+        {"format": "fp8", "target": "local", "arch": "cpu-x86_64", "status": "pass", "reason": "all gates passed",
+         "latency": lat(5, 800), "verdicts": ppl(0.026, 0.036, "pass")},
+    ]
+    path = write_report(recipe=recipe, rows=rows, decisions={"local": {"format": "fp8", "reason": "fp8 passed"}},
+                        out_dir=tmp_path)
+    text = path.read_text()
+    assert "**Decision:** fp8 — fp8 passed" in text
+    assert "| int8_sq | fail | +15.00% (≤+19.00%)" in text and "ppl too high" in text
+    assert "concurrency=4" in text
+    assert (tmp_path / "local-pareto.png").stat().st_size > 1000
+    assert (tmp_path / "local-latency.png").stat().st_size > 1000
