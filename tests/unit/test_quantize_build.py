@@ -117,3 +117,12 @@ def test_plan_explains_why_a_stage_would_rerun(tiny_model_dir, calib_file, monke
     out = store.stage_dir("quantized/fp8", store.key_of("quantize", new_parts))
     cached, reason = cache_status.explain(out, [Path(q.path)], new_parts)
     assert not cached and reason == f"toolchain.modelopt: {real('nvidia-modelopt')} → 0.99.0"
+
+
+@pytest.mark.parametrize("fmt,algo", [("int8_sq", "W8A8_SQ_PER_CHANNEL"), ("int4_awq", "W4A16_AWQ")])
+def test_int8_smoothquant_and_int4_awq_export_on_cpu(tiny_model_dir, calib_file, fmt, algo):
+    q = _quantize(tiny_model_dir, calib_file, fmt=fmt)
+    config = json.loads((Path(q.unified_dir) / "hf_quant_config.json").read_text())["quantization"]
+    assert config["quant_algo"] == algo
+    if fmt == "int4_awq":
+        assert q.awq_block_size == 64 and config["group_size"] == 64  # 64 divides the tiny model's 64/128 inputs

@@ -38,3 +38,21 @@ def test_resolve_answers_per_architecture(tmp_path):
         reg.resolve(name="multi", arch="sm_89")
     found = reg.find_versions("name='multi' and tags.gpu_arch LIKE 'sm_1%'")
     assert [f["tags"]["gpu_arch"] for f in found] == ["sm_100"]
+
+
+def test_resolve_command_answers_for_a_gpu_name(tmp_path):
+    import json
+
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+
+    v, _ = _register(tmp_path, "cli-model", "fp8", "sm_90", 0.01, "h")
+    reg.promote(name="cli-model", version=v, alias="champion-sm90", challenger_alias="challenger-sm90")
+    runner = CliRunner()
+    result = runner.invoke(app, ["resolve", "cli-model", "--gpu", "H100"])
+    assert result.exit_code == 0, result.output
+    answer = json.loads(result.output[result.output.index("{"):])
+    assert answer["alias"] == "champion-sm90" and answer["tags"]["gpu_arch"] == "sm_90"
+    missing = runner.invoke(app, ["resolve", "cli-model", "--gpu", "A100"])
+    assert missing.exit_code == 1 and "champion-sm80" in missing.output
