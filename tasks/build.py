@@ -98,6 +98,6 @@ def verify_artifact(profile_dir: str | Path, *, device: dict | None = None, tool
     if diffs:
         raise ArtifactMismatch(
             f"profile {profile_dir} ({manifest['format']} for target '{manifest['target']['name']}') does not match "
-            f"this machine:\n  " + "\n  ".join(diffs) + "\nRebuild it here: rerun the recipe on a worker with this "
-            f"GPU and toolchain (the build cache key includes both, so the rerun builds a new profile).")
+            "this machine:\n  " + "\n  ".join(diffs) + "\nRebuild it here: rerun the recipe on a worker with this "
+            "GPU and toolchain (the build cache key includes both, so the rerun builds a new profile).")
     return manifest

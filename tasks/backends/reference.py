@@ -88,5 +88,5 @@ def serve(profile_dir: Path, *, host: str = "127.0.0.1", port: int, log_file: Pa
 
     cmd = [sys.executable, "-m", "tasks.backends.reference_server", "--profile", str(profile_dir), "--host", host,
            "--port", str(port)]
-    with run_server(cmd, health_url=f"http://{host}:{port}/health", log_file=log_file):
+    with run_server(cmd, health_url=f"http://{host}:{port}/health", log_file=log_file, name="reference-server"):
         yield f"http://{host}:{port}/v1"

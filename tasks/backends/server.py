@@ -1,9 +1,15 @@
-"""Start a model server as a subprocess, wait until it is healthy, stop it afterwards; its log is kept."""
+"""Start a model server as a subprocess, wait until it is healthy, stop it afterwards; its log is kept.
+
+Shared by every backend's `serve()`. The server gets its own process group, so workers it forks (trtllm-serve's MPI
+ranks) are stopped with it, also when the server itself already died.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
+import shlex
 import signal
 import socket
 import subprocess
@@ -12,6 +18,8 @@ from pathlib import Path
 from typing import Iterator
 
 import httpx
+
+log = logging.getLogger(__name__)
 
 
 class ServerFailed(RuntimeError):
@@ -24,40 +32,67 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _tail(log_file: Path, lines: int = 30) -> str:
+def tail(log_file: Path, lines: int = 30) -> str:
     try:
         return "\n".join(log_file.read_text(errors="replace").splitlines()[-lines:])
     except OSError:
         return "(no log)"
 
 
-@contextlib.contextmanager
-def run_server(cmd: list[str], *, health_url: str, log_file: Path, timeout_s: float = 300,
-               env: dict | None = None) -> Iterator[subprocess.Popen]:
-    log_file.parent.mkdir(parents=True, exist_ok=True)
-    with open(log_file, "ab") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+def wait_healthy(process: subprocess.Popen, health_url: str, log_file: Path, timeout_s: float, *, name: str,
+                 error: type[Exception] = ServerFailed, poll_s: float = 0.5) -> None:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        code = process.poll()
+        if code is not None:
+            raise error(f"{name} exited with code {code} before {health_url} answered 200; "
+                        f"last lines of {log_file}:\n{tail(log_file)}")
+        try:
+            if httpx.get(health_url, timeout=2.0, trust_env=False).status_code == 200:  # no proxy for loopback
+                return
+        except httpx.HTTPError:
+            pass
+        if time.monotonic() > deadline:
+            raise error(f"{name} did not answer 200 on {health_url} within {timeout_s:.0f} s; "
+                        f"last lines of {log_file}:\n{tail(log_file)}")
+        time.sleep(poll_s)
+
+
+def stop(process: subprocess.Popen, *, name: str, grace_s: float = 20.0) -> None:
+    """SIGTERM to the server's process group, then SIGKILL if it is still there after `grace_s`.
+
+    A server that already died is followed by SIGKILL to its group: workers it left behind are ours too.
+    """
+    def signal_group(sig):
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(process.pid, sig)
+
+    if process.poll() is None:
+        signal_group(signal.SIGTERM)
+        try:
+            process.wait(timeout=grace_s)
+            return
+        except subprocess.TimeoutExpired:
+            log.warning("%s (pid %d) ignored SIGTERM for %.0f s; killing it", name, process.pid, grace_s)
+    signal_group(signal.SIGKILL)
     try:
-        deadline = time.monotonic() + timeout_s
-        while True:
-            if proc.poll() is not None:
-                raise ServerFailed(f"server exited with code {proc.returncode}: {' '.join(cmd)}\n{_tail(log_file)}")
-            try:
-                if httpx.get(health_url, timeout=2, trust_env=False).status_code == 200:  # no proxy for loopback
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                raise ServerFailed(f"server not healthy at {health_url} after {timeout_s:.0f} s\n{_tail(log_file)}")
-            time.sleep(0.5)
-        yield proc
-    finally:  # the whole process group: servers that fork workers leave none behind
-        for sig, wait in ((signal.SIGTERM, 20), (signal.SIGKILL, 10)):
-            try:
-                os.killpg(proc.pid, sig)
-                proc.wait(timeout=wait)
-                break
-            except ProcessLookupError:
-                break
-            except subprocess.TimeoutExpired:
-                continue
+        process.wait(timeout=grace_s)
+    except subprocess.TimeoutExpired:
+        log.error("%s (pid %d) is still running after SIGKILL; stop it by hand", name, process.pid)
+
+
+@contextlib.contextmanager
+def run_server(cmd: list[str], *, health_url: str, log_file: Path, timeout_s: float = 300, env: dict | None = None,
+               name: str | None = None, error: type[Exception] = ServerFailed,
+               stop_grace_s: float = 20.0, poll_s: float = 0.5) -> Iterator[subprocess.Popen]:
+    name = name or Path(cmd[0]).name
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_file, "ab") as logf:
+        logf.write(f"$ {shlex.join(cmd)}\n".encode())
+        logf.flush()
+        process = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    try:
+        wait_healthy(process, health_url, log_file, timeout_s, name=name, error=error, poll_s=poll_s)
+        yield process
+    finally:
+        stop(process, name=name, grace_s=stop_grace_s)

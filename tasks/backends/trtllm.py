@@ -23,13 +23,10 @@ import importlib
 import json
 import logging
 import os
-import shlex
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Iterator
 
@@ -548,67 +545,17 @@ def serve(profile_dir: Path, *, host: str = "127.0.0.1", port: int, log_file: Pa
 
 @contextlib.contextmanager
 def _serving(command: list[str], profile: Path, url: str, log_file: Path, timeout: float) -> Iterator[str]:
-    log_file.parent.mkdir(parents=True, exist_ok=True)
+    from tasks.backends.server import run_server
+
     with tempfile.TemporaryDirectory(prefix="trtllm-serve-") as scratch:
         env = dict(os.environ)
         cache = _stage_autotuner_cache(profile, Path(scratch))
         if cache is not None:
             env[AUTOTUNER_ENV] = str(cache)
-        with open(log_file, "ab") as logf:
-            logf.write(f"$ {shlex.join(command)}\n".encode())
-            logf.flush()
-            # its own process group: trtllm-serve's MPI workers are stopped with it
-            process = subprocess.Popen(command, stdout=logf, stderr=subprocess.STDOUT, env=env,
-                                       start_new_session=True)
-        try:
-            _wait_healthy(process, f"{url}/health", log_file, timeout)
+        with run_server(command, health_url=f"{url}/health", log_file=log_file, timeout_s=timeout, env=env,
+                        name="trtllm-serve", error=TrtllmError, stop_grace_s=SERVE_STOP_GRACE_S,
+                        poll_s=HEALTH_POLL_S):
             yield f"{url}/v1"
-        finally:
-            _stop(process)
-
-
-def _wait_healthy(process: subprocess.Popen, health_url: str, log_file: Path, timeout: float) -> None:
-    import httpx
-
-    deadline = time.monotonic() + timeout
-    while True:
-        code = process.poll()
-        if code is not None:
-            raise TrtllmError(f"trtllm-serve exited with code {code} before {health_url} answered 200; "
-                              f"last lines of {log_file}:\n{_tail(log_file)}")
-        try:
-            if httpx.get(health_url, timeout=2.0, trust_env=False).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        if time.monotonic() > deadline:
-            raise TrtllmError(f"trtllm-serve did not answer 200 on {health_url} within {timeout:.0f} s; "
-                              f"last lines of {log_file}:\n{_tail(log_file)}")
-        time.sleep(HEALTH_POLL_S)
-
-
-def _stop(process: subprocess.Popen) -> None:
-    """SIGTERM to the server's process group, then SIGKILL if it is still there after SERVE_STOP_GRACE_S.
-
-    A server that already died is followed by SIGKILL to its group: MPI workers it left behind are ours too.
-    """
-    def signal_group(sig):
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(process.pid, sig)
-
-    if process.poll() is None:
-        signal_group(signal.SIGTERM)
-        try:
-            process.wait(timeout=SERVE_STOP_GRACE_S)
-            return
-        except subprocess.TimeoutExpired:
-            log.warning("trtllm-serve (pid %d) ignored SIGTERM for %.0f s; killing it", process.pid,
-                        SERVE_STOP_GRACE_S)
-    signal_group(signal.SIGKILL)
-    try:
-        process.wait(timeout=SERVE_STOP_GRACE_S)
-    except subprocess.TimeoutExpired:
-        log.error("trtllm-serve (pid %d) is still running after SIGKILL; stop it by hand", process.pid)
 
 
 def _main(argv: list[str]) -> int:
