@@ -182,7 +182,9 @@ def print_summary(result: dict) -> None:
 def resolve(model: str = typer.Argument(..., help="registered model name, e.g. smollm2-135m-reference"),
             gpu: str = typer.Option("auto", help="GPU name (H100, A100, ...), sm_XY, or auto (this machine)"),
             tp: int = typer.Option(1, help="tensor-parallel size"),
-            prefix: str = typer.Option("champion", help="alias prefix")) -> None:
+            prefix: str = typer.Option("champion", help="alias prefix"),
+            verify: bool = typer.Option(False, "--verify", help="also check that the profile's files are here and "
+                                        "were built for this machine's arch and toolchain")) -> None:
     """Which registry version a node with this GPU should serve, and where its files are."""
     from flows import env
 
@@ -197,6 +199,15 @@ def resolve(model: str = typer.Argument(..., help="registered model name, e.g. s
     except LookupError as exc:
         console.print(f"[red]{exc}[/red]")
         raise typer.Exit(1) from None
+    if verify:
+        from tasks.build import ArtifactMismatch, verify_artifact
+
+        try:
+            verify_artifact(answer["source"].removeprefix("file://"))
+        except ArtifactMismatch as exc:
+            typer.echo(f"refused: {exc}", err=True)
+            raise typer.Exit(3) from None
+        answer["verified_on"] = store.local_device()["arch"]
     print(json.dumps(answer, indent=2))
 
 

@@ -59,6 +59,11 @@ def test_first_run_registers_a_passing_version_with_an_alias(first_run, home):
     assert answer["tags"]["quant_format"] == "fp8" and answer["tags"]["gpu_arch"] == fp8["arch"]
     assert answer["tags"]["source_run_id"] == first_run["run_id"]
     assert Path(answer["source"].removeprefix("file://"), "manifest.json").is_file()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_"))}
+    verified = subprocess.run([sys.executable, "-m", "flows.cli", "resolve", "smollm2-135m-reference", "--verify"],
+                              cwd=ROOT, env=env | {"ENGINEWRIGHT_HOME": str(home)}, capture_output=True, text=True)
+    assert verified.returncode == 0, verified.stderr
+    assert json.loads(verified.stdout)["verified_on"] == fp8["arch"]
 
 
 def test_second_run_recomputes_nothing_heavy(first_run, home):

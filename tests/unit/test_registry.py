@@ -56,3 +56,5 @@ def test_resolve_command_answers_for_a_gpu_name(tmp_path):
     assert answer["alias"] == "champion-sm90" and answer["tags"]["gpu_arch"] == "sm_90"
     missing = runner.invoke(app, ["resolve", "cli-model", "--gpu", "A100"])
     assert missing.exit_code == 1 and "champion-sm80" in missing.output
+    refused = runner.invoke(app, ["resolve", "cli-model", "--gpu", "H100", "--verify"])
+    assert refused.exit_code == 3 and "no manifest.json" in refused.output  # registered dir is not a complete profile
