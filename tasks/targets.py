@@ -114,8 +114,8 @@ def make_plan(recipe, local: dict, *, dispatch: bool = False) -> Plan:
         if arch != local["arch"] and not (dispatch and target.work_pool):
             plan.unplaced[target.name] = (
                 f"target '{target.name}' needs {arch} but this machine is {local['arch']}; " + (
-                    f"its work pool '{target.work_pool}' is used when the flow runs against a Prefect server "
-                    f"(PREFECT_API_URL) with a worker in that pool" if target.work_pool else
+                    f"it runs on a worker of its pool '{target.work_pool}' (`enginewright deploy` makes one "
+                    f"deployment per pool; run that deployment)" if target.work_pool else
                     "set targets[].work_pool to a Prefect work pool whose workers have that GPU"))
         for fmt in recipe.quantization.formats:
             reason = invalid_reason(fmt, arch, backend=target.backend, quant_device=local["device"],
