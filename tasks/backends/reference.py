@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import threading
 from pathlib import Path
 from typing import Iterator
 
@@ -18,6 +19,10 @@ from tasks import store
 log = logging.getLogger(__name__)
 
 NAME = "reference"
+# ModelOpt's quantized attention swaps transformers' module-level attention function in and out around every
+# forward pass; two models running at once in one process (parallel targets) can leave the swapped-in function
+# behind for every later model. So in-process model compute is serialised; served models run in their own process.
+MODEL_LOCK = threading.RLock()
 RUNTIME_FILE = "runtime.yaml"
 # Versions that change what a reference profile computes; a profile built with others is refused at load.
 TOOLCHAIN_KEYS = ("torch", "transformers", "modelopt")
@@ -42,12 +47,12 @@ def build_profile(*, checkpoint_dir: str, target, device: dict, out: Path) -> di
         "max_seq_len": target.max_seq_len,
     }
     (out / RUNTIME_FILE).write_text(yaml.safe_dump(options, sort_keys=True))
-    model, tokenizer = load_model(out, options)  # the profile must load and run on its target before it exists
     import torch
 
-    with torch.no_grad():
+    with MODEL_LOCK, torch.no_grad():  # the profile must load and run on its target before it exists
+        model, tokenizer = load_model(out, options)
         model(**tokenizer("build check", return_tensors="pt").to(options["device"]))
-    del model
+        del model
     return options
 
 
@@ -72,11 +77,12 @@ def lm_eval_model(profile_dir: Path, *, batch_size: int, max_length: int) -> Ite
     """An lm-eval LM over the built model, in process (lm-eval's HFLM with the model object)."""
     from lm_eval.models.huggingface import HFLM
 
-    model, tokenizer = load_model(profile_dir)
-    try:
-        yield HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length)
-    finally:
-        del model
+    with MODEL_LOCK:
+        model, tokenizer = load_model(profile_dir)
+        try:
+            yield HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length)
+        finally:
+            del model
 
 
 @contextlib.contextmanager

@@ -61,3 +61,12 @@ def test_targets_fan_out_and_fail_independently(prefect_harness, tiny_model_dir,
             windows[target] = (min(lo, s["started_at"]), max(hi, s["started_at"] + s["seconds"]))
     (a0, a1), (b0, b1) = windows["a"], windows["b"]
     assert a0 < b1 and b0 < a1, f"builds of a and b did not overlap: {windows}"
+
+    # ModelOpt swaps transformers' attention function around each quantized forward; parallel targets must not
+    # leave it swapped for models that run afterwards in this process
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    plain = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    with torch.no_grad():
+        assert plain(torch.tensor([[5, 6, 7]])).logits.shape == (1, 3, 512)
