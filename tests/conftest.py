@@ -54,3 +54,22 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     model.save_pretrained(out)
     _tiny_tokenizer().save_pretrained(out)
     return out
+
+
+CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+@pytest.fixture(scope="session")
+def chat_model_dir(tiny_model_dir, tmp_path_factory) -> Path:
+    """The tiny Llama with a ChatML chat template on its tokenizer."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    out = tmp_path_factory.mktemp("tiny-chat")
+    shutil.copytree(tiny_model_dir, out, dirs_exist_ok=True)
+    tok = AutoTokenizer.from_pretrained(out)
+    tok.chat_template = CHATML
+    tok.save_pretrained(out)
+    return out

@@ -1,7 +1,6 @@
 """Targets run in parallel inside one flow run, and a failing target does not stop the others."""
 
 import time
-from pathlib import Path
 
 import pytest
 import yaml

@@ -1,7 +1,4 @@
-from pathlib import Path
-
 import pandas as pd
-import pytest
 
 from recipes.schema import EvaluationSpec, TargetSpec
 from tasks import build, evaluate, store

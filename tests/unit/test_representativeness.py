@@ -3,7 +3,6 @@
 import json
 import random
 import re
-import shutil
 
 import pandas as pd
 import pytest
@@ -12,8 +11,6 @@ import yaml
 from recipes.schema import CalibrationSpec, Recipe, RepresentativenessSpec
 from tasks import calibrate, representativeness as rep
 
-CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 
 
 def vocabulary():
@@ -40,17 +37,6 @@ def tail_share(rows, field):
     """Share of texts in length buckets from 256 tokens up."""
     return sum(getattr(r, field) or 0.0 for r in rows if int(re.match(r"\d+", r.stratum).group()) >= 256)
 
-
-@pytest.fixture(scope="module")
-def chat_model_dir(tiny_model_dir, tmp_path_factory):
-    from transformers import AutoTokenizer
-
-    out = tmp_path_factory.mktemp("tiny-chat")
-    shutil.copytree(tiny_model_dir, out, dirs_exist_ok=True)
-    tok = AutoTokenizer.from_pretrained(out)
-    tok.chat_template = CHATML
-    tok.save_pretrained(out)
-    return out
 
 
 # ------------------------------------------------------------------------------------------------------ (1) long tail

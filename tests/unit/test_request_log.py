@@ -3,7 +3,6 @@
 import inspect
 import json
 import random
-import shutil
 import tracemalloc
 
 import pandas as pd
@@ -13,8 +12,6 @@ from recipes.schema import CalibrationSpec
 from tasks import calibrate, request_log
 from tasks.request_log import Request, Sampler, SamplingOptions
 
-CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 
 
 def words(texts):
@@ -36,18 +33,6 @@ def write_log(path, records):
     path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in records))
     return path
 
-
-@pytest.fixture(scope="module")
-def chat_model_dir(tiny_model_dir, tmp_path_factory):
-    """The tiny Llama with a ChatML chat template on its tokenizer."""
-    from transformers import AutoTokenizer
-
-    out = tmp_path_factory.mktemp("tiny-chat")
-    shutil.copytree(tiny_model_dir, out, dirs_exist_ok=True)
-    tok = AutoTokenizer.from_pretrained(out)
-    tok.chat_template = CHATML
-    tok.save_pretrained(out)
-    return out
 
 
 def spec(path, **kw):
