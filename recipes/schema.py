@@ -10,14 +10,23 @@ import hashlib
 import importlib.util
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 QuantFormat = Literal["fp8", "int8_sq", "int4_awq", "w4a8_awq", "nvfp4"]
 QUANT_FORMATS: tuple[str, ...] = QuantFormat.__args__  # type: ignore[attr-defined]
 LOCAL_EVAL_TASKS = ("holdout_perplexity", "holdout_cloze")
+
+
+def _as_list(value: Any) -> Any:
+    """Let a YAML scalar stand for a one-item list (`formats: fp8`, `concurrency: 4`)."""
+    return value if isinstance(value, (list, tuple)) else [value]
+
+
+def ListOf(item):  # noqa: N802 - reads like a type in field annotations
+    return Annotated[list[item], BeforeValidator(_as_list)]
 
 
 class RecipeError(ValueError):
@@ -70,7 +79,7 @@ class ModelSpec(Strict):
 
 
 class RequestLogSpec(Strict):
-    stratify_by: list[str] = Field(default_factory=lambda: ["length"], min_length=1, description="stratum key: 'length' (token-length bucket of the rendered prompt) and/or metadata fields of the requests (tenant, task, ...; top level or under 'metadata'); several fields form one combined key")
+    stratify_by: ListOf(str) = Field(default_factory=lambda: ["length"], min_length=1, description="stratum key: 'length' (token-length bucket of the rendered prompt) and/or metadata fields of the requests (tenant, task, ...; top level or under 'metadata'); several fields form one combined key")
     length_buckets: list[int] = Field(default_factory=lambda: [32, 64, 128, 256, 512, 1024, 2048, 4096, 8192], min_length=1, description="upper edges (exclusive, in tokens) of the length buckets; the last bucket is open-ended")
     token_lengths: Literal["estimate", "exact"] = Field("estimate", description="exact: tokenize every request (slow on large logs); estimate: chars per token measured on the first 2,000 requests. The sample and the report's reference sample are always tokenized exactly")
     near_duplicate_threshold: float | None = Field(0.8, gt=0.0, le=1.0, description="drop a request whose word-3-shingle Jaccard similarity (digits masked, same system prompt) to a kept one is at least this; null: exact duplicates only")
@@ -80,10 +89,6 @@ class RequestLogSpec(Strict):
     holdout_samples: int = Field(1024, ge=1, le=100_000, description="held-out requests kept for evaluation (a seeded uniform sample of the held-out share)")
     max_strata: int = Field(64, ge=1, le=1024, description="distinct stratum keys tracked; later new keys share the '(other)' stratum")
 
-    @field_validator("stratify_by", mode="before")
-    @classmethod
-    def _scalar_to_list(cls, value: Any) -> Any:
-        return [value] if isinstance(value, str) else value
 
     @field_validator("length_buckets")
     @classmethod
@@ -142,14 +147,10 @@ class CalibrationSpec(Strict):
 
 
 class QuantizationSpec(Strict):
-    formats: list[QuantFormat] = Field(min_length=1, description="formats to try, most aggressive first (the fallback ladder's order)")
+    formats: ListOf(QuantFormat) = Field(min_length=1, description="formats to try, most aggressive first (the fallback ladder's order)")
     kv_cache: Literal["none", "fp8"] = Field("none", description="KV-cache quantization")
     awq_block_size: int | None = Field(None, description="INT4/W4A8 AWQ group size; default: the largest of 128/64/32/16 that divides every linear layer's input size")
 
-    @field_validator("formats", mode="before")
-    @classmethod
-    def _scalar_to_list(cls, value: Any) -> Any:
-        return [value] if isinstance(value, str) else value
 
     @field_validator("formats")
     @classmethod
@@ -198,18 +199,14 @@ class EvaluationSpec(Strict):
 
 
 class LatencySpec(Strict):
-    concurrency: list[int] = Field(default_factory=lambda: [1], description="closed-loop load profiles: requests in flight at once")
-    request_rates: list[float] = Field(default_factory=list, description="open-loop load profiles: Poisson arrivals at these requests/s")
+    concurrency: ListOf(int) = Field(default_factory=lambda: [1], description="closed-loop load profiles: requests in flight at once")
+    request_rates: ListOf(float) = Field(default_factory=list, description="open-loop load profiles: Poisson arrivals at these requests/s")
     requests: int = Field(8, ge=1, description="measured requests per load profile (after warm-up)")
     warmup: int = Field(2, ge=0, description="requests sent first and not measured")
     input_tokens: int = Field(64, ge=1, description="every prompt has exactly this many tokens")
     output_tokens: int = Field(32, ge=2, description="every request generates exactly this many tokens (EOS ignored)")
     seed: int = Field(0, description="seeds the prompts and the Poisson arrivals")
 
-    @field_validator("concurrency", "request_rates", mode="before")
-    @classmethod
-    def _scalar_to_list(cls, value: Any) -> Any:
-        return [value] if isinstance(value, (int, float)) else value
 
     @field_validator("concurrency")
     @classmethod
