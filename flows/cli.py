@@ -16,7 +16,14 @@ from rich.table import Table
 
 from recipes.schema import Recipe, RecipeError, load_recipe
 
-app = typer.Typer(add_completion=False, no_args_is_help=True,
+# Exit codes: CI gates on them (README "The command line").
+EXIT_OK, EXIT_ERROR, EXIT_BAD_INPUT, EXIT_REFUSED, EXIT_NOT_CERTIFIED = 0, 1, 2, 3, 4
+EXIT_CODES_HELP = ("Exit codes: 0 ok (run: every target certified); 1 error (a stage or target crashed); "
+                   "2 bad input (recipe, override or argument); 3 refused (resolve --verify: the profile does not "
+                   "match this machine); 4 nothing certified (run: no candidate passed every gate on some target; "
+                   "resolve: nothing certified for that GPU).")
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, epilog=EXIT_CODES_HELP,
                   help="Turn an LLM checkpoint into certified, per-GPU-architecture inference artifacts.")
 console = Console(width=None if sys.stdout.isatty() else 200)  # wide tables in logs and CI
 
@@ -82,11 +89,15 @@ def plan(recipe: Path = typer.Argument(..., help="recipe YAML"),
 
 
 @app.command(epilog="Examples:\n\n  enginewright run recipes/demo.yaml\n\n"
-                    "  enginewright run recipes/demo.yaml --set gates.accuracy.tasks.holdout_perplexity.max_relative_increase=0.05")
+                    "  enginewright run recipes/demo.yaml --set gates.accuracy.tasks.holdout_perplexity.max_relative_increase=0.05"
+                    "\n\n" + EXIT_CODES_HELP)
 def run(recipe: Path = typer.Argument(..., help="recipe YAML"),
         set_: Optional[List[str]] = typer.Option(None, "--set", help=OVERRIDE_HELP),
         json_out: Optional[Path] = typer.Option(None, "--json-out", help="also write the run record as JSON")) -> None:
-    """Run calibrate -> quantize -> build -> validate -> promote for a recipe, as a Prefect flow."""
+    """Run calibrate -> quantize -> build -> validate -> promote for a recipe, as a Prefect flow.
+
+    Exits 0 only when every target that ran was certified; 4 when some target had no candidate pass every gate.
+    """
     import warnings
 
     from flows import env
@@ -102,14 +113,23 @@ def run(recipe: Path = typer.Argument(..., help="recipe YAML"),
     started = time.perf_counter()
     state = certify(str(recipe), set_ or [], return_state=True)
     result = state.result(raise_on_failure=False)
+    if isinstance(result, RecipeError):  # found inside the flow, e.g. an unknown target name
+        typer.echo(f"recipe error: {result}", err=True)
+        raise typer.Exit(EXIT_BAD_INPUT)
     if isinstance(result, BaseException):  # the flow crashed before it had a run record
         raise result
     result["wall_seconds"] = round(time.perf_counter() - started, 1)
     if json_out:
         json_out.write_text(json.dumps(result, indent=2, default=str))
     print_summary(result)
-    if result["errors"]:
-        raise typer.Exit(1)
+    raise typer.Exit(exit_code(result))
+
+
+def exit_code(result: dict) -> int:
+    outcome = result.get("outcome")
+    if result.get("errors") or outcome == "error":
+        return EXIT_ERROR
+    return EXIT_NOT_CERTIFIED if outcome == "not_certified" else EXIT_OK
 
 
 def _fmt(value, spec: str = ".1f") -> str:
@@ -197,8 +217,8 @@ def resolve(model: str = typer.Argument(..., help="registered model name, e.g. s
     try:
         answer = resolve_version(name=model, arch=arch, prefix=prefix, tp=tp)
     except LookupError as exc:
-        console.print(f"[red]{exc}[/red]")
-        raise typer.Exit(1) from None
+        typer.echo(str(exc), err=True)
+        raise typer.Exit(EXIT_NOT_CERTIFIED) from None
     if verify:
         from tasks.build import ArtifactMismatch, verify_artifact
 

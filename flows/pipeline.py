@@ -137,9 +137,26 @@ def certify(recipe_path: str, overrides: list[str] | None = None, model_location
     result = {"run_id": record.run_id, "stages": record.stages, "rows": record.rows, "promotions": record.promotions,
               "decisions": record.decisions, "errors": record.errors, "report": record.report,
               "gated_load": recipe.gated_load, "tracking_uri": registry.tracking_uri()}
+    result["outcome"], message = _outcome(record)
     if record.errors:  # the run record still comes back: state.result(raise_on_failure=False)
         return Failed(message="; ".join(record.errors), data=result)
+    if result["outcome"] == "not_certified":  # CI and automations must see this: not a Completed run
+        return Failed(name="NotCertified", message=message, data=result)
     return result
+
+
+def _outcome(record: RunRecord) -> tuple[str, str]:
+    """certified: every target that ran here chose a passing format; not_certified: some target did not (or none
+    ran); error: a target or stage failed."""
+    if record.errors:
+        return "error", "; ".join(record.errors)
+    if not record.decisions:
+        return "not_certified", "nothing certified: no target of this run was placed on this machine"
+    missing = sorted(t for t, d in record.decisions.items() if d["format"] is None)
+    if missing:
+        return "not_certified", "nothing certified for " + "; ".join(
+            f"target {t}: {record.decisions[t]['reason']}" for t in missing)
+    return "certified", "certified: " + ", ".join(f"{t}: {d['format']}" for t, d in sorted(record.decisions.items()))
 
 
 def _publish_report(recipe, record: RunRecord) -> None:
@@ -157,6 +174,18 @@ def _publish_report(recipe, record: RunRecord) -> None:
         registry.log_file(record.run_id, str(file), "report")
     create_markdown_artifact(markdown=out.read_text(), key="decision-report",
                              description=f"{recipe.name}: decision per target (plots in the MLflow run's report/)")
+
+
+def _calibration_origin(spec, base_dir) -> dict:
+    """Where the calibration texts came from, as plain values for the MLflow dataset source."""
+    from recipes.schema import resolve_path
+
+    if spec.source == "hub":
+        return {"source": "hub", "dataset": spec.dataset, "config": spec.dataset_config, "split": spec.split,
+                "revision": spec.revision}
+    if spec.source in ("files", "request_log"):
+        return {"source": spec.source, "paths": [str(resolve_path(p, base_dir).resolve()) for p in spec.paths]}
+    return {"source": spec.source}
 
 
 def _check_calibration(recipe, model, calib, record: RunRecord):
@@ -199,7 +228,7 @@ def _certify(recipe, base_dir, device, plan, record: RunRecord) -> None:
     calib = _timed(record, "calibrate", recipe.calibration.source, calibrate_task, recipe.calibration,
                    model_dir=model.path, base_dir=base_dir)
     registry.log_calibration_dataset(record.run_id, calibration_file=calib.calibration_file, digest=calib.digest,
-                                     stats=calib.stats, source=f"{recipe.calibration.source}:{calib.path}")
+                                     stats=calib.stats, origin=_calibration_origin(recipe.calibration, base_dir))
     _check_calibration(recipe, model, calib, record)  # may stop the run here, before any quantization
     lineage = {"model_fingerprint": model.fingerprint, "calibration_digest": calib.digest,
                "recipe_sha": recipe.digest(), "source_run_id": record.run_id, "model_source": model.source}

@@ -92,16 +92,36 @@ def log_file(run_id: str, path: str, artifact_path: str | None = None) -> None:
     client().log_artifact(run_id, path, artifact_path)
 
 
-def log_calibration_dataset(run_id: str, *, calibration_file: str, digest: str, stats: dict, source: str) -> None:
-    """The calibration set as an MLflow dataset input (content digest + source), plus its statistics."""
+def log_calibration_dataset(run_id: str, *, calibration_file: str, digest: str, stats: dict, origin: dict) -> None:
+    """The calibration set as an MLflow dataset input (content digest + source), plus its statistics.
+
+    `origin` says where the texts came from: {"source": "hub", "dataset", "config", "split", "revision"} becomes
+    MLflow's Hugging Face dataset source; any other source (local files, request logs, pydoc) is recorded as the
+    calibration parquet itself (a local file source), with the origin kept as the run tag `calibration.origin`.
+    """
     import pandas as pd
 
     df = pd.read_parquet(calibration_file)
-    dataset = mlflow.data.from_pandas(df, source=source, name="calibration", digest=digest[:32])
+    dataset = mlflow.data.from_pandas(df, source=_dataset_source(calibration_file, origin), name="calibration",
+                                      digest=digest[:32])
     c = client()
     c.log_inputs(run_id, datasets=[mlflow.entities.DatasetInput(dataset._to_mlflow_entity(),
                                                                  tags=[mlflow.entities.InputTag("mlflow.data.context", "calibration")])])
+    c.set_tag(run_id, "calibration.origin", json.dumps(origin, sort_keys=True, default=str)[:5000])
     log_metrics(run_id, {f"calibration.{k}": v for k, v in stats.items()})
+
+
+def _dataset_source(calibration_file: str, origin: dict):
+    """An MLflow DatasetSource object: a plain string like `files:/...` is refused by MLflow's source resolver."""
+    if origin.get("source") == "hub":
+        from mlflow.data.huggingface_dataset_source import HuggingFaceDatasetSource
+
+        return HuggingFaceDatasetSource(path=origin["dataset"], config_name=origin.get("config"),
+                                        split=origin.get("split"), revision=origin.get("revision"))
+    from mlflow.data.dataset_source_registry import get_dataset_source_from_json
+
+    uri = Path(calibration_file).resolve().as_uri()
+    return get_dataset_source_from_json(json.dumps({"uri": uri}), source_type="local")
 
 
 def end_run(run_id: str, status: str = "FINISHED") -> None:

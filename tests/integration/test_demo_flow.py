@@ -74,7 +74,7 @@ def test_second_run_recomputes_nothing_heavy(first_run, home):
 
 
 def test_changing_a_gate_threshold_reruns_only_gating(first_run, home):
-    strict = run_cli(home, "gates.accuracy.tasks.holdout_perplexity.max_relative_increase=0.0001")
+    strict = run_cli(home, "gates.accuracy.tasks.holdout_perplexity.max_relative_increase=0.0001", expect=4)
     assert all(s["cached"] for s in strict["stages"] if s["stage"] in HEAVY)
     fp8 = next(r for r in strict["rows"] if r["format"] == "fp8")
     assert fp8["status"] in ("fail", "undecided") and "holdout_perplexity" in fp8["reason"]

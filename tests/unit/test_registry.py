@@ -55,6 +55,6 @@ def test_resolve_command_answers_for_a_gpu_name(tmp_path):
     answer = json.loads(result.output[result.output.index("{"):])
     assert answer["alias"] == "champion-sm90" and answer["tags"]["gpu_arch"] == "sm_90"
     missing = runner.invoke(app, ["resolve", "cli-model", "--gpu", "A100"])
-    assert missing.exit_code == 1 and "champion-sm80" in missing.output
+    assert missing.exit_code == 4 and "champion-sm80" in missing.output
     refused = runner.invoke(app, ["resolve", "cli-model", "--gpu", "H100", "--verify"])
     assert refused.exit_code == 3 and "no manifest.json" in refused.output  # registered dir is not a complete profile

@@ -1,0 +1,132 @@
+"""Every calibration source through the real flow with MLflow logging on (tiny model, small limits), and the run's
+outcome as a flow state and an exit code."""
+
+import json
+
+import pandas as pd
+import pytest
+import yaml
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def prefect_harness(tmp_path_factory):
+    import os
+
+    os.environ["PREFECT_HOME"] = str(tmp_path_factory.mktemp("prefect-home"))
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+@pytest.fixture(scope="module")
+def shared_home(tmp_path_factory):
+    """One store for the module: the import and baseline build are computed once."""
+    return tmp_path_factory.mktemp("sources-home")
+
+
+def _paragraphs(n: int = 80) -> list[str]:
+    import re
+
+    from pydoc_data.topics import topics
+
+    texts = [" ".join(p.split()) for t in topics.values() for p in re.split(r"\n\s*\n", t)]
+    return [t for t in texts if len(t) >= 200][:n]
+
+
+def _recipe(tmp_path, model_dir, calibration: dict, **extra) -> str:
+    recipe = {
+        "name": f"src-{calibration['source']}", "model": {"source": "hf_dir", "path": str(model_dir), "name": "tiny"},
+        "calibration": {"samples": 8, "max_tokens": 32, **calibration},
+        "quantization": {"formats": ["fp8"]}, "targets": [{"name": "local"}],
+        "evaluation": {"tasks": ["holdout_perplexity"], "limit": 4, "batch_size": 4, "max_length": 64},
+        "latency": {"requests": 1, "warmup": 0, "input_tokens": 4, "output_tokens": 2},
+        "gates": {"accuracy": {"tasks": {"holdout_perplexity": {"max_relative_increase": 5.0}}, "bootstrap": 100}},
+        "registry": {"name": "tiny"}} | extra
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return str(path)
+
+
+def _write_source(kind: str, tmp_path) -> dict:
+    texts = _paragraphs()
+    if kind == "txt":
+        (tmp_path / "corpus.txt").write_text("\n\n".join(texts))
+        return {"source": "files", "paths": [str(tmp_path / "corpus.txt")]}
+    if kind == "jsonl":
+        (tmp_path / "corpus.jsonl").write_text("".join(json.dumps({"body": t}) + "\n" for t in texts))
+        return {"source": "files", "paths": [str(tmp_path / "corpus.jsonl")], "text_field": "body"}
+    if kind == "parquet":
+        pd.DataFrame({"text": texts}).to_parquet(tmp_path / "corpus.parquet")
+        return {"source": "files", "paths": [str(tmp_path / "corpus.parquet")]}
+    if kind == "request_log":
+        (tmp_path / "requests.jsonl").write_text("".join(
+            json.dumps({"prompt": t, "tenant": f"t{i % 3}"}) + "\n" for i, t in enumerate(texts)))
+        return {"source": "request_log", "paths": [str(tmp_path / "requests.jsonl")], "samples": 8}
+    return {"source": "hub", "dataset": "acme/prose", "split": "train", "revision": "0123abc"}
+
+
+@pytest.mark.parametrize("kind", ["txt", "jsonl", "parquet", "request_log", "hub"])
+def test_every_calibration_source_runs_through_the_flow_with_mlflow(kind, prefect_harness, shared_home,
+                                                                    tiny_model_dir, tmp_path, monkeypatch):
+    import datasets
+
+    from flows.pipeline import certify
+    from registry import mlflow_registry as registry
+
+    monkeypatch.setenv("ENGINEWRIGHT_HOME", str(shared_home))
+    calls = []
+    if kind == "hub":  # no hub here: the datasets call answers with a local dataset, the rest is the real path
+        real_load = datasets.load_dataset
+
+        def fake_hub(path, *args, **kwargs):
+            if path != "acme/prose":
+                return real_load(path, *args, **kwargs)
+            calls.append((path, kwargs.get("revision")))
+            return datasets.Dataset.from_dict({"text": _paragraphs()})
+
+        monkeypatch.setattr(datasets, "load_dataset", fake_hub)
+    state = certify(_recipe(tmp_path, tiny_model_dir, _write_source(kind, tmp_path)), return_state=True)
+    result = state.result(raise_on_failure=False)
+    assert not isinstance(result, BaseException), result
+    assert result["errors"] == [] and result["outcome"] == "certified", result
+    assert state.is_completed()
+    assert {r["status"] for r in result["rows"]} == {"baseline", "pass"}
+
+    run = registry.client().get_run(result["run_id"])
+    [dataset_input] = run.inputs.dataset_inputs
+    source = json.loads(dataset_input.dataset.source)
+    origin = json.loads(run.data.tags["calibration.origin"])
+    assert origin["source"] == ("files" if kind in ("txt", "jsonl", "parquet") else kind)
+    if kind == "hub":
+        assert calls == [("acme/prose", "0123abc")]
+        assert dataset_input.dataset.source_type == "hugging_face"
+        assert source["path"] == "acme/prose" and source["revision"] == "0123abc"
+    else:
+        assert dataset_input.dataset.source_type == "local" and source["uri"].endswith("calibration.parquet")
+        assert origin["paths"][0].endswith(("corpus.txt", "corpus.jsonl", "corpus.parquet", "requests.jsonl"))
+    assert run.data.metrics["calibration.count"] == 8
+
+
+def test_a_run_that_certifies_nothing_fails_with_its_own_state_and_exit_code(prefect_harness, shared_home,
+                                                                               tiny_model_dir, tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from flows.cli import EXIT_NOT_CERTIFIED, app
+    from flows.pipeline import certify
+
+    monkeypatch.setenv("ENGINEWRIGHT_HOME", str(shared_home))
+    recipe = _recipe(tmp_path, tiny_model_dir, _write_source("txt", tmp_path))
+    impossible = ["gates.latency.ttft_p95_ms=0.001"]  # no runtime answers in a microsecond
+
+    state = certify(recipe, impossible, return_state=True)
+    assert state.is_failed() and state.name == "NotCertified"
+    assert "nothing certified for target local" in state.message and "ttft" in state.message
+    result = state.result(raise_on_failure=False)
+    assert result["outcome"] == "not_certified" and result["promotions"] == [] and result["errors"] == []
+
+    out = CliRunner().invoke(app, ["run", recipe, "--set", impossible[0]])
+    assert out.exit_code == EXIT_NOT_CERTIFIED == 4, out.output
+    assert "nothing promoted" in out.output
