@@ -150,10 +150,10 @@ def measure_latency(*, profile_dir: str, profile_fp: str, backend_name: str, spe
     """Measure one profile on this machine through its endpoint; cached by profile, load spec, prompts, machine."""
     key = cache_key(profile_fp=profile_fp, spec=spec, holdout_digest=holdout_digest, device=device)
     out = store.stage_dir("latency", key)
-    manifest = store.read_manifest(out)
-    cached = manifest is not None
-    if manifest is None:
-        manifest = _run(profile_dir, backend_name, spec, holdout_file, key, out)
+    with store.claim(out) as manifest:
+        cached = manifest is not None
+        if manifest is None:
+            manifest = _run(profile_dir, backend_name, spec, holdout_file, key, out)
     return LatencyResult(str(out), manifest["summary"], manifest["seconds"], cached)
 
 

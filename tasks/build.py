@@ -60,32 +60,57 @@ def build(*, model_slug: str, checkpoint_dir: str, checkpoint_fp: str, fmt: str,
     parts = key_parts(checkpoint_fp=checkpoint_fp, fmt=fmt, target=target, arch=arch, toolchain=toolchain)
     key = store.key_of("build", parts)
     out = profile_dir(model_slug, fmt, arch, target.tp, key)
-    manifest = store.read_manifest(out)
-    cached = manifest is not None
-    if manifest is None:
-        log.info("building %s profile for %s on %s", fmt, target.name, arch)
-        with store.atomic_dir(out) as tmp:
-            options = impl.build_profile(checkpoint_dir=checkpoint_dir, target=target, device=device, out=tmp)
-            manifest = store.write_manifest(tmp, {
-                "stage": "build", "key": key, "inputs": parts, "backend": target.backend, "format": fmt, "quant_algo": quant_algo,
-                "target": {"name": target.name, "arch": arch, "tp": target.tp, "gpu_name": device.get("gpu_name"),
-                           "gpu_count": device.get("gpu_count"), "driver": device.get("driver"),
-                           "cuda": device.get("cuda")},
-                "toolchain": toolchain, "toolchain_full": store.toolchain(), "build_options": options,
-                "checkpoint_fingerprint": checkpoint_fp,
-            })
+    with store.claim(out) as manifest:
+        cached = manifest is not None
+        if manifest is None:
+            manifest = _build(impl, checkpoint_dir, target, device, key, parts, fmt, quant_algo, toolchain, checkpoint_fp,
+                              out)
     return BuildArtifact(target.name, arch, target.backend, fmt, str(out), manifest["content_hash"], manifest, cached)
 
 
-def verify_artifact(profile_dir: str | Path, *, device: dict | None = None, toolchain: dict | None = None) -> dict:
-    """Refuse a profile built for another architecture or toolchain; return its manifest when it matches.
+def _checkpoint_records(checkpoint_dir: str, linked_as: str) -> tuple[dict[str, dict], tuple[str, ...]]:
+    """Digests (and volatile files) of the checkpoint as the profile links it, from the checkpoint artifact's own
+    manifest, so linking a multi-GB checkpoint into a profile hashes nothing; empty for one outside the store."""
+    root = store.artifact_root(Path(checkpoint_dir))
+    if root is None:
+        return {}, ()
+    sub = Path(checkpoint_dir).relative_to(root).as_posix()
+    prefix = "" if sub == "." else sub + "/"
+    volatile = tuple(f"{linked_as}/{v[len(prefix):]}" for v in store.read_manifest(root).get("volatile", [])
+                     if v.startswith(prefix))
+    records = {f"{linked_as}/{rel}": meta for rel, meta in store.manifest_records_under(root, Path(checkpoint_dir)).items()}
+    return records, volatile
+
+
+def _build(impl, checkpoint_dir, target, device, key, parts, fmt, quant_algo, toolchain, checkpoint_fp, out) -> dict:
+    arch = device["arch"]
+    log.info("building %s profile for %s on %s", fmt, target.name, arch)
+    records, volatile = _checkpoint_records(checkpoint_dir, getattr(impl, "CHECKPOINT", "checkpoint"))
+    with store.atomic_dir(out) as tmp:
+        options = impl.build_profile(checkpoint_dir=checkpoint_dir, target=target, device=device, out=tmp)
+        return store.write_manifest(tmp, {
+            "stage": "build", "key": key, "inputs": parts, "backend": target.backend, "format": fmt, "quant_algo": quant_algo,
+            "target": {"name": target.name, "arch": arch, "tp": target.tp, "gpu_name": device.get("gpu_name"),
+                       "gpu_count": device.get("gpu_count"), "driver": device.get("driver"),
+                       "cuda": device.get("cuda")},
+            "toolchain": toolchain, "toolchain_full": store.toolchain(), "build_options": options,
+            "checkpoint_fingerprint": checkpoint_fp,
+        }, files=records, volatile=volatile)
+
+
+def verify_artifact(profile_dir: str | Path, *, device: dict | None = None, toolchain: dict | None = None,
+                    full: bool = True, sizes_only: bool = False) -> dict:
+    """Refuse a profile whose files do not match their digests, or that was built for another architecture or
+    toolchain; return its manifest when it matches.
 
     Raises:
+        store.ArtifactDamaged: naming each file that is missing or differs.
         ArtifactMismatch: naming each difference (built vs here) and how to rebuild.
     """
     manifest = store.read_manifest(Path(profile_dir))
     if manifest is None:
         raise ArtifactMismatch(f"{profile_dir}: no manifest.json; this is not a complete profile")
+    store.check(Path(profile_dir), full=full, sizes_only=sizes_only)
     device = device or store.local_device()
     toolchain = toolchain or backend(manifest["backend"]).toolchain_versions()
     diffs = []

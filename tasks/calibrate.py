@@ -77,13 +77,13 @@ def source_fingerprint(spec: CalibrationSpec, base_dir: Path) -> str:
     if spec.source == "pydoc_topics":
         return store.key_of("pydoc_topics", _pydoc_paragraphs())
     if spec.source in ("files", "request_log"):
-        return store.key_of(spec.source, [store.sha256_file(resolve_path(p, base_dir)) for p in spec.paths])
+        return store.key_of(spec.source, [store.cached_sha256(resolve_path(p, base_dir)) for p in spec.paths])
     return store.key_of("hub", spec.dataset, spec.dataset_config, spec.split, spec.revision)
 
 
 def tokenizer_fingerprint(model_dir: Path) -> str:
     files = sorted(p for p in Path(model_dir).iterdir() if "token" in p.name or p.name == "special_tokens_map.json")
-    return store.key_of([(p.name, store.sha256_file(p)) for p in files])
+    return store.key_of([(p.name, store.cached_sha256(p)) for p in files])
 
 
 def _normalise(text: str) -> str:
@@ -121,12 +121,10 @@ def calibrate(spec: CalibrationSpec, *, model_dir: str, base_dir: Path) -> Calib
     """Build the calibration set (parquet) and the held-out split, keyed by source content, sampling and tokenizer."""
     key = cache_key(spec, model_dir=model_dir, base_dir=base_dir)
     out = store.stage_dir("calibration", key)
-    manifest = store.read_manifest(out)
-    if manifest is None:
-        manifest = _build(spec, model_dir, base_dir, key, out)
-        cached = False
-    else:
-        cached = True
+    with store.claim(out) as manifest:
+        cached = manifest is not None
+        if manifest is None:
+            manifest = _build(spec, model_dir, base_dir, key, out)
     return CalibrationArtifact(str(out), str(out / "calibration.parquet"), str(out / "holdout.parquet"),
                                manifest["digest"], manifest["holdout_digest"], manifest["stats"], cached)
 

@@ -136,10 +136,10 @@ def evaluate(*, profile_dir: str, profile_fp: str, backend_name: str, spec: Eval
     inputs = task_inputs(spec.tasks, holdout_file, spec.limit)
     key = cache_key(profile_fp=profile_fp, spec=spec, inputs=inputs)
     out = store.stage_dir("evaluations", key)
-    manifest = store.read_manifest(out)
-    cached = manifest is not None
-    if manifest is None:
-        manifest = _run(profile_dir, backend_name, spec, inputs, key, out)
+    with store.claim(out) as manifest:
+        cached = manifest is not None
+        if manifest is None:
+            manifest = _run(profile_dir, backend_name, spec, inputs, key, out)
     return AccuracyResult(str(out), manifest["metrics"], str(out / "items.parquet"), manifest["n_items"],
                           manifest["seconds"], cached)
 

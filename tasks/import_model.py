@@ -25,9 +25,9 @@ def source_key(spec: ModelSpec, base_dir: Path) -> str:
     """What identifies the source before any conversion: file bytes, directory content, or hub id + revision."""
     if spec.source == "gguf":
         path = resolve_path(spec.path, base_dir)
-        return store.key_of("gguf", store.sha256_file(path))
+        return store.key_of("gguf", store.cached_sha256(path))
     if spec.source == "hf_dir":
-        return store.key_of("hf_dir", store.fingerprint_dir(resolve_path(spec.path, base_dir)))
+        return store.key_of("hf_dir", store.source_dir_digest(resolve_path(spec.path, base_dir)))
     return store.key_of("hub", spec.id, spec.revision)
 
 
@@ -53,22 +53,22 @@ def import_model(spec: ModelSpec, base_dir: Path) -> ModelArtifact:
     """
     if spec.source == "hf_dir":
         path = resolve_path(spec.path, base_dir)
-        return ModelArtifact(spec.slug, str(path), store.fingerprint_dir(path), f"hf_dir:{path}", cached=True)
+        return ModelArtifact(spec.slug, str(path), store.source_dir_digest(path), f"hf_dir:{path}", cached=True)
 
     key = source_key(spec, base_dir)
     out = store.stage_dir("models", key)
-    manifest = store.read_manifest(out)
-    if manifest is not None:
-        return ModelArtifact(spec.slug, str(out), manifest["content_hash"], manifest["source"], cached=True)
-
-    log.info("importing %s (%s)", spec.slug, spec.source)
-    model, tokenizer = _load_source(spec, base_dir)
-    # transformers 5 leaves `architectures` unset for GGUF loads; ModelOpt's export iterates over it.
-    model.config.architectures = [type(model).__name__]
-    with store.atomic_dir(out) as tmp:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        source = f"{spec.source}:{spec.path or spec.id}" + (f"@{spec.revision}" if spec.revision else "")
-        manifest = store.write_manifest(tmp, {"stage": "import", "source": source, "source_key": key,
-                                              "architecture": type(model).__name__, "toolchain": store.toolchain()})
+    with store.claim(out) as manifest:
+        if manifest is not None:
+            return ModelArtifact(spec.slug, str(out), manifest["content_hash"], manifest["source"], cached=True)
+        log.info("importing %s (%s)", spec.slug, spec.source)
+        model, tokenizer = _load_source(spec, base_dir)
+        # transformers 5 leaves `architectures` unset for GGUF loads; ModelOpt's export iterates over it.
+        model.config.architectures = [type(model).__name__]
+        with store.atomic_dir(out) as tmp:
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+            source = f"{spec.source}:{spec.path or spec.id}" + (f"@{spec.revision}" if spec.revision else "")
+            manifest = store.write_manifest(tmp, {"stage": "import", "key": key, "source": source, "source_key": key,
+                                                  "architecture": type(model).__name__,
+                                                  "toolchain": store.toolchain()})
     return ModelArtifact(spec.slug, str(out), manifest["content_hash"], source)

@@ -32,6 +32,10 @@ AWQ_FORMATS = ("int4_awq", "w4a8_awq")
 CUDA_ONLY_FORMATS = {"nvfp4": "NVFP4 calibration uses ModelOpt's CUDA kernels; run quantization on a GPU worker"}
 
 
+# ModelOpt pickles its quantizer state with torch.save: the bytes differ between two runs of the same inputs.
+VOLATILE = ("fakequant/modelopt_state.pth",)
+
+
 class QuantizationError(ValueError):
     """The format cannot be applied to this model as configured."""
 
@@ -123,13 +127,11 @@ def quantize(*, model_dir: str, model_fp: str, calibration_file: str, calib_dige
                       awq_block_size=awq_block_size, max_tokens=max_tokens, batch_size=batch_size, device=device)
     key = store.key_of("quantize", parts)
     out = store.stage_dir(f"quantized/{fmt}", key)
-    manifest = store.read_manifest(out)
-    if manifest is None:
-        manifest = _quantize_and_export(model_dir, calibration_file, fmt, kv_cache, awq_block_size, max_tokens,
-                                        batch_size, device, key, out, parts)
-        cached = False
-    else:
-        cached = True
+    with store.claim(out) as manifest:
+        cached = manifest is not None
+        if manifest is None:
+            manifest = _quantize_and_export(model_dir, calibration_file, fmt, kv_cache, awq_block_size, max_tokens,
+                                            batch_size, device, key, out, parts)
     return QuantizedArtifact(fmt, str(out), str(out / "fakequant"), str(out / "unified"), manifest["content_hash"],
                              manifest.get("quant_algo"), awq_block_size, manifest["seconds"], cached)
 
@@ -195,7 +197,7 @@ def _quantize_and_export(model_dir, calibration_file, fmt, kv_cache, awq_block_s
             "device": device, "seconds": seconds, "toolchain": store.toolchain(),
             "quant_algo": (quant_config or {}).get("quantization", {}).get("quant_algo"),
             "hf_quant_config": quant_config,
-        })
+        }, volatile=VOLATILE)
     log.info("%s quantized and exported in %.1f s", fmt, seconds)
     return manifest
 

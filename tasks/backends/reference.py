@@ -24,6 +24,7 @@ NAME = "reference"
 # behind for every later model. So in-process model compute is serialised; served models run in their own process.
 MODEL_LOCK = threading.RLock()
 RUNTIME_FILE = "runtime.yaml"
+CHECKPOINT = "checkpoint"
 # Versions that change what a reference profile computes; a profile built with others is refused at load.
 TOOLCHAIN_KEYS = ("torch", "transformers", "modelopt")
 
@@ -38,7 +39,7 @@ def build_profile(*, checkpoint_dir: str, target, device: dict, out: Path) -> di
 
     Returns the build options recorded in the manifest.
     """
-    store.link_or_copy_tree(Path(checkpoint_dir), out / "checkpoint")
+    store.link_or_copy_tree(Path(checkpoint_dir), out / CHECKPOINT)
     options = {
         "backend": NAME,
         "device": device["device"],
@@ -63,7 +64,7 @@ def load_model(profile_dir: Path, options: dict | None = None):
 
     options = options or yaml.safe_load((Path(profile_dir) / RUNTIME_FILE).read_text())
     mto.enable_huggingface_checkpointing()  # restores ModelOpt quantizers from modelopt_state.pth when present
-    ckpt = Path(profile_dir) / "checkpoint"
+    ckpt = Path(profile_dir) / CHECKPOINT
     model = AutoModelForCausalLM.from_pretrained(ckpt, dtype=getattr(torch, options["dtype"]))
     model = model.to(options["device"]).eval()
     tokenizer = AutoTokenizer.from_pretrained(ckpt)

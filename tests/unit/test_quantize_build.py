@@ -79,7 +79,8 @@ def test_reference_profile_build_manifest_and_verify_on_load(tiny_model_dir, cal
     manifest = store.read_manifest(Path(art.path))
     assert manifest["target"]["arch"] == device["arch"] and manifest["format"] == "fp8"
     assert set(manifest["toolchain"]) == {"torch", "transformers", "modelopt"}
-    assert manifest["content_hash"] == store.fingerprint_dir(Path(art.path))
+    assert store.verify(Path(art.path), full=True) == []
+    assert {"checkpoint/model.safetensors", "runtime.yaml"} <= set(manifest["files"])
     assert Path(art.path).match(f"profiles/tiny/fp8/{device['arch']}-tp1/*")
     assert build.verify_artifact(art.path)["format"] == "fp8"
     assert build.build(model_slug="tiny", checkpoint_dir=q.fakequant_dir, checkpoint_fp=q.fingerprint, fmt="fp8",
