@@ -148,8 +148,8 @@ class CalibrationSpec(Strict):
 
 class QuantizationSpec(Strict):
     formats: ListOf(QuantFormat) = Field(min_length=1, description="formats to try, most aggressive first (the fallback ladder's order)")
-    kv_cache: Literal["none", "fp8"] = Field("none", description="KV-cache quantization")
-    awq_block_size: int | None = Field(None, description="INT4/W4A8 AWQ group size; default: the largest of 128/64/32/16 that divides every linear layer's input size")
+    kv_cache: Literal["none", "fp8_cast", "fp8", "nvfp4_cast", "nvfp4"] = Field("none", description="KV-cache quantization (ModelOpt's KV presets). fp8_cast: FP8 with a constant scale, no KV calibration (ModelOpt's default since 0.43, advised over calibrated fp8); fp8: calibrated FP8; nvfp4_cast / nvfp4: NVFP4 KV (TensorRT-LLM serves it on sm_100/103 only; quantizing it needs CUDA)")
+    awq_block_size: Literal[64, 128] | None = Field(None, description="INT4/W4A8 AWQ group size, 64 or 128 (what TensorRT-LLM's kernels take); default: 128 if every quantized layer's input size per tensor-parallel rank divides by it, else 64")
 
 
     @field_validator("formats")
@@ -170,17 +170,29 @@ class TargetSpec(Strict):
     max_batch_size: int = Field(8, ge=1)
     max_seq_len: int = Field(2048, ge=16)
     max_num_tokens: int = Field(4096, ge=16)
-    kv_cache_dtype: Literal["auto", "fp8"] = Field("auto")
+    kv_cache_dtype: Literal["auto", "fp8", "nvfp4"] = Field("auto", description="trtllm: KvCacheConfig.dtype of the PyTorch runtime (auto: from the checkpoint's kv_cache_quant_algo)")
+    trtllm_version: str | None = Field(None, description="trtllm: the TensorRT-LLM release of this target's worker image (default: the pin in docker/trtllm.Dockerfile); plan checks formats and engine kinds against it")
     engine: Literal["profile", "legacy"] = Field("profile", description=(
         "trtllm only. profile: deployment profile for the PyTorch runtime (TensorRT-LLM >= 1.2): checkpoint + "
-        "runtime options + autotuner cache; legacy: a TensorRT engine (rank*.engine) built with pinned TensorRT-LLM "
-        "<= 1.2, the only path that serves INT8-SmoothQuant"))
+        "runtime options + autotuner cache; legacy: a TensorRT engine (rank*.engine) built with a pinned TensorRT-LLM "
+        "<= 1.3.0rc20 (the last release with the TensorRT backend), the only path that serves INT8-SmoothQuant"))
 
     @model_validator(mode="after")
     def _engine_needs_trtllm(self) -> "TargetSpec":
         if self.engine == "legacy" and self.backend != "trtllm":
             raise ValueError(f"engine 'legacy' is a TensorRT-LLM engine; target '{self.name}' has backend "
                              f"'{self.backend}' (set backend: trtllm, or drop engine)")
+        if self.trtllm_version is not None:
+            from packaging.version import InvalidVersion, Version
+
+            if self.backend != "trtllm":
+                raise ValueError(f"trtllm_version applies to backend trtllm; target '{self.name}' has backend "
+                                 f"'{self.backend}'")
+            try:
+                Version(self.trtllm_version)
+            except InvalidVersion:
+                raise ValueError(f"trtllm_version '{self.trtllm_version}' of target '{self.name}' is not a "
+                                 f"TensorRT-LLM release number (e.g. 1.3.0rc21, 1.2.1)") from None
         return self
 
     @field_validator("name")

@@ -1,6 +1,9 @@
-"""GPU targets as data: the GPU catalogue, format x architecture validity, and the plan of (format, target) pairs.
+"""GPU targets as data: the GPU catalogue, which (format, architecture, runtime, release) combinations are valid,
+and the plan of (format, target) pairs.
 
-Everything here is decided before any GPU time is spent: an invalid pair is skipped with its reason.
+Everything here is decided before any GPU time is spent: an invalid pair is skipped with its reason. Validity is a
+list of rules, each with its source next to it (VALIDITY_RULES, KV_CACHE_RULES, ENGINE_RELEASES): a pair is valid
+only when a rule allows it.
 """
 
 from __future__ import annotations
@@ -8,7 +11,11 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-# name -> (compute capability, memory GiB). Names are matched case-insensitively.
+from packaging.specifiers import SpecifierSet
+from packaging.version import InvalidVersion, Version
+
+# name -> (compute capability, memory GiB). Names are matched case-insensitively. H100 and H20 share sm_90 but differ
+# in memory and SM count: registry versions also carry the GPU name (see gpu_matches, registry resolve).
 GPU_CATALOGUE: dict[str, tuple[str, int]] = {
     "A100": ("sm_80", 80), "A30": ("sm_80", 24), "A10": ("sm_86", 24), "A10G": ("sm_86", 24), "A40": ("sm_86", 48),
     "L4": ("sm_89", 24), "L40": ("sm_89", 48), "L40S": ("sm_89", 48),
@@ -17,24 +24,89 @@ GPU_CATALOGUE: dict[str, tuple[str, int]] = {
     "RTX-PRO-6000": ("sm_120", 96), "RTX-5090": ("sm_120", 32),
 }
 
-# format -> (lowest compute capability that serves it, why). Sources: ModelOpt support matrix and TensorRT-LLM's
-# quantization feature table (see shared reference trtllm-modelopt.md section 1.7).
-MIN_SM: dict[str, tuple[int, str]] = {
-    "nvfp4": (100, "NVFP4 kernels exist only on Blackwell (sm_100+)"),
-    "fp8": (89, "FP8 needs Ada/Hopper or newer (sm_89+)"),
-    "w4a8_awq": (89, "W4A8 uses FP8 activations: sm_89+"),
-    "int4_awq": (80, "INT4-AWQ (W4A16) needs Ampere or newer (sm_80+)"),
-    "int8_sq": (80, "INT8-SmoothQuant needs Ampere or newer (sm_80+)"),
+# The TensorRT-LLM release of the GPU worker image (docker/trtllm.Dockerfile's TRTLLM_IMAGE; a unit test keeps the
+# two equal). A trtllm target's `trtllm_version` defaults to it.
+DEFAULT_TRTLLM_VERSION = "1.3.0rc21"
+
+AMPERE, ADA, HOPPER = frozenset({80, 86, 87}), frozenset({89}), frozenset({90})
+BLACKWELL_DC, BLACKWELL_RTX = frozenset({100, 103}), frozenset({120})
+
+SRC_MODELOPT_MATRIX = ("ModelOpt docs/source/guides/0_support_matrix.rst (NVIDIA/Model-Optimizer a2fbac7, 0.47.0dev): "
+                       "FP4 Blackwell+, FP8 Ada+, INT8-SQ Ampere+, W4A16 AWQ Ampere+, W4A8 AWQ Ada+")
+SRC_TRTLLM_TABLE = ("TensorRT-LLM docs/source/features/quantization.md, 'Hardware Support Matrix' (PyTorch backend; "
+                    "read at 09d4c79b and f53fb4c8)")
+SRC_PR_10190 = ("TensorRT-LLM PR #10190 'sm100 weight-only kernel' (merged 2026-01-05, commit 656c705ff1; main then "
+                "bumped to 1.2.0rc8) and the later quantization.md table marking W4A8/W4A16 AWQ 'Y' for sm100/103; "
+                "taken as from 1.3.0rc0 on, since the 1.2.x finals came from the 1.2 release branch")
+SRC_LEGACY_BUILDER = ("TensorRT-LLM tensorrt_llm/builder.py::build (1.x): raises on SM 100-119 for SmoothQuant and "
+                      "INT4/INT8 weight-only")
+SRC_RC20 = ("TensorRT-LLM v1.3.0rc20 release notes (2026-06-30): 'the last one supporting the TensorRT backend'; "
+            "PR #15918 removed tensorrt_llm._tensorrt_engine, docs/source/legacy/tensorrt-backend-removal.md")
+SRC_UNIFIED_MIN = "ModelOpt docs/source/deployment/3_unified_hf.rst: minimum TensorRT-LLM v1.2.0 for unified checkpoints"
+
+
+@dataclass(frozen=True)
+class Rule:
+    """`format` may be served on these SMs by this runtime, in TensorRT-LLM releases matching `releases` (a PEP 440
+    specifier; "" = every release read). runtime: "pytorch" (engine: profile), "legacy" (TensorRT engine), or
+    "reference" (transformers + ModelOpt fake quant: ModelOpt's deployment matrix decides)."""
+    format: str
+    sms: frozenset[int]
+    runtime: str
+    source: str
+    releases: str = ""
+
+    def allows(self, fmt: str, sm: int, runtime: str, release: str | None) -> bool:
+        return (self.format == fmt and sm in self.sms and self.runtime == runtime
+                and (not self.releases or release is None or _in_range(release, self.releases)))
+
+
+_ALL = AMPERE | ADA | HOPPER | BLACKWELL_DC | BLACKWELL_RTX
+_ADA_ON = ADA | HOPPER | BLACKWELL_DC | BLACKWELL_RTX
+# ModelOpt's "X and later": every SM from the first of that generation on.
+_MODELOPT = {"nvfp4": frozenset(range(100, 200)), "fp8": frozenset(range(89, 200)),
+             "int8_sq": frozenset(range(80, 200)), "int4_awq": frozenset(range(80, 200)),
+             "w4a8_awq": frozenset(range(89, 200))}
+VALIDITY_RULES: tuple[Rule, ...] = (
+    *(Rule(f, sms, "reference", SRC_MODELOPT_MATRIX) for f, sms in _MODELOPT.items()),
+    # PyTorch runtime: the hardware table. INT8-SmoothQuant has no row there (no PyTorch kernels).
+    Rule("nvfp4", BLACKWELL_DC | BLACKWELL_RTX, "pytorch", SRC_TRTLLM_TABLE),
+    Rule("fp8", _ADA_ON, "pytorch", SRC_TRTLLM_TABLE),
+    Rule("w4a8_awq", ADA | HOPPER, "pytorch", SRC_TRTLLM_TABLE),
+    Rule("w4a8_awq", BLACKWELL_DC, "pytorch", SRC_PR_10190, releases=">=1.3.0rc0"),
+    Rule("int4_awq", AMPERE | ADA | HOPPER, "pytorch", SRC_TRTLLM_TABLE),
+    Rule("int4_awq", BLACKWELL_DC, "pytorch", SRC_PR_10190, releases=">=1.3.0rc0"),
+    # Legacy TensorRT engine: ModelOpt's matrix minus what the engine builder refuses on SM 100-119.
+    *(Rule(f, sms - (frozenset(range(100, 120)) if f in ("int8_sq", "int4_awq") else frozenset()), "legacy",
+           SRC_MODELOPT_MATRIX + ("; " + SRC_LEGACY_BUILDER if f in ("int8_sq", "int4_awq") else ""))
+      for f, sms in _MODELOPT.items()),
+)
+# KV-cache quantization (recipe quantization.kv_cache) -> rules. The reference backend computes any of them.
+KV_CACHE_RULES: tuple[Rule, ...] = (
+    *(Rule(kv, _ALL, rt, SRC_TRTLLM_TABLE + ": FP8 KV Cache 'Y' from Ampere on")
+      for kv in ("fp8", "fp8_cast") for rt in ("pytorch", "legacy")),
+    *(Rule(kv, BLACKWELL_DC, "pytorch", "TensorRT-LLM quantization.md (newer table, 'NVFP4 KV Cache' column: sm100/103 "
+           "only); KvCacheConfig(dtype='nvfp4') in llmapi/llm_args.py") for kv in ("nvfp4", "nvfp4_cast")),
+)
+# Which TensorRT-LLM releases can build each engine kind.
+ENGINE_RELEASES: dict[str, tuple[str, str]] = {
+    "legacy": ("<=1.3.0rc20", SRC_RC20),
+    "profile": (">=1.2.0", SRC_UNIFIED_MIN),
 }
-LEGACY_ENGINE_ONLY = {"int8_sq": "INT8-SmoothQuant is served only by TensorRT-LLM's legacy TensorRT-engine path "
-                                 "(TRT-LLM <= 1.2; set targets[].engine: legacy); the PyTorch runtime has no "
-                                 "SmoothQuant kernels"}
-# TensorRT-LLM's legacy engine builder (tensorrt_llm/builder.py::build, 1.x) raises on SM 100-119 for INT8/INT4
-# weight-only, INT8 KV cache, SmoothQuant and per-channel/per-token scaling (reference section 1.7). Its check is
-# `100 <= sm < 120`: sm_120 is not covered by it.
-LEGACY_REFUSED_SM = range(100, 120)
-LEGACY_REFUSED = {"int8_sq": "SmoothQuant", "int4_awq": "INT4 weight-only (W4A16 AWQ)"}
 CUDA_CALIBRATION = {"nvfp4": "NVFP4 calibration needs CUDA (ModelOpt's FP4 kernels); this run quantizes on the CPU"}
+CUDA_KV_CALIBRATION = {"nvfp4": "NVFP4 KV-cache calibration needs CUDA (ModelOpt's FP4 kernels); this run quantizes "
+                                "on the CPU", "nvfp4_cast": "NVFP4 KV-cache quantization needs CUDA (ModelOpt's FP4 "
+                                                            "kernels); this run quantizes on the CPU"}
+FORMAT_OF_QUANT_ALGO = {"FP8": "fp8", "NVFP4": "nvfp4", "W4A16_AWQ": "int4_awq", "W4A8_AWQ": "w4a8_awq",
+                        "W8A8_SQ_PER_CHANNEL": "int8_sq"}
+KV_OF_QUANT_ALGO = {"FP8": "fp8", "NVFP4": "nvfp4"}
+
+
+def _in_range(release: str, spec: str) -> bool:
+    try:
+        return Version(release) in SpecifierSet(spec, prereleases=True)
+    except InvalidVersion:
+        return False
 
 
 def arch_of(gpu: str) -> str:
@@ -47,26 +119,79 @@ def arch_of(gpu: str) -> str:
     raise ValueError(f"unknown GPU '{gpu}': use 'auto', 'sm_XY', or one of {', '.join(GPU_CATALOGUE)}")
 
 
+def gpu_matches(name: str, device_name: str | None) -> bool:
+    """Whether a catalogue name ('H20') names this device ('NVIDIA H20'); 'H20' does not match 'NVIDIA H200'."""
+    words = re.split(r"[\s_]+", (device_name or "").upper().replace("NVIDIA", ""))
+    joined = "-".join(w for w in words if w)
+    return bool(re.search(rf"(^|-){re.escape(name.upper())}(-|$)", joined))
+
+
 def sm_number(arch: str) -> int | None:
     match = re.fullmatch(r"sm_(\d+)", arch)
     return int(match.group(1)) if match else None
 
 
-def invalid_reason(fmt: str, arch: str, *, backend: str, quant_device: str, engine: str = "profile") -> str | None:
-    """Why this format cannot be built/served for this arch, backend and engine kind, or None when it can."""
+def runtime_of(backend: str, engine: str) -> str:
+    return "reference" if backend != "trtllm" else ("legacy" if engine == "legacy" else "pytorch")
+
+
+def engine_reason(engine: str, release: str) -> str | None:
+    """Why TensorRT-LLM `release` cannot build this engine kind, or None when it can."""
+    spec, source = ENGINE_RELEASES[engine]
+    if _in_range(release, spec):
+        return None
+    instead = ("run the target on a worker whose image is TensorRT-LLM <= 1.3.0rc20 (e.g. "
+               "nvcr.io/nvidia/tensorrt-llm/release:1.2.1) and set targets[].trtllm_version to it, or use engine: "
+               "profile") if engine == "legacy" else "use a TensorRT-LLM >= 1.2.0 image"
+    return f"engine: {engine} needs TensorRT-LLM {spec}; this target's image is {release} ({source}); {instead}"
+
+
+def _sm_list(sms) -> str:
+    """{89, 90, 100, 103, 120} -> 'sm_89, sm_90, sm_100, sm_103, sm_120'; range(80, 200) -> 'sm_80+'."""
+    parts, run = [], []
+    for sm in sorted(sms) + [None]:
+        if run and (sm is None or sm != run[-1] + 1):
+            parts.append(f"sm_{run[0]}+" if run[-1] >= 199 else
+                         f"sm_{run[0]}-sm_{run[-1]}" if len(run) > 3 else ", ".join(f"sm_{x}" for x in run))
+            run = []
+        if sm is not None:
+            run.append(sm)
+    return ", ".join(parts)
+
+
+def _rule_reason(rules, kind: str, what: str, sm: int, runtime: str, release: str | None, arch: str) -> str | None:
+    if any(r.allows(what, sm, runtime, release) for r in rules):
+        return None
+    mine = [r for r in rules if r.format == what and r.runtime == runtime]
+    where = {"pytorch": "TensorRT-LLM's PyTorch runtime", "legacy": "TensorRT-LLM's legacy TensorRT engine",
+             "reference": "its deployment runtimes"}[runtime]
+    if not mine:
+        hint = " (set targets[].engine: legacy)" if what == "int8_sq" and runtime == "pytorch" else ""
+        return f"{kind} {what} has no kernels in {where}{hint}; target is {arch}"
+    archs = [_sm_list(r.sms) + (f" (TensorRT-LLM {r.releases})" if r.releases else "") for r in mine]
+    release_note = f" TensorRT-LLM {release}" if release and runtime != "reference" else ""
+    return (f"{kind} {what} is not served by {where} on {arch}{release_note}; allowed: {', '.join(archs)} "
+            f"(sources: {'; '.join(sorted({r.source for r in mine}))})")
+
+
+def invalid_reason(fmt: str, arch: str, *, backend: str, quant_device: str, engine: str = "profile",
+                   kv_cache: str = "none", release: str | None = None) -> str | None:
+    """Why this format cannot be built/served for this arch, backend, engine kind and TensorRT-LLM release (None:
+    it can). `release` is the target image's TensorRT-LLM version (trtllm backend only)."""
     if fmt in CUDA_CALIBRATION and quant_device != "cuda":
         return CUDA_CALIBRATION[fmt]
+    if kv_cache in CUDA_KV_CALIBRATION and quant_device != "cuda":
+        return CUDA_KV_CALIBRATION[kv_cache]
     sm = sm_number(arch)
     if sm is None:
         return f"TensorRT-LLM runs only on NVIDIA GPUs; target is {arch}" if backend == "trtllm" else None
-    need, why = MIN_SM[fmt]
-    if sm < need:
-        return f"{why}; target is {arch}"
-    if backend == "trtllm" and engine != "legacy" and fmt in LEGACY_ENGINE_ONLY:
-        return LEGACY_ENGINE_ONLY[fmt]
-    if backend == "trtllm" and engine == "legacy" and sm in LEGACY_REFUSED_SM and fmt in LEGACY_REFUSED:
-        return (f"TensorRT-LLM's legacy engine builder refuses {LEGACY_REFUSED[fmt]} on SM 100-119 "
-                f"(tensorrt_llm/builder.py); target is {arch}")
+    runtime = runtime_of(backend, engine)
+    if runtime != "reference" and release is not None and (why := engine_reason(engine, release)):
+        return why
+    if why := _rule_reason(VALIDITY_RULES, "format", fmt, sm, runtime, release, arch):
+        return why
+    if kv_cache != "none" and runtime != "reference":
+        return _rule_reason(KV_CACHE_RULES, "KV cache", kv_cache, sm, runtime, release, arch)
     return None
 
 
@@ -97,6 +222,11 @@ class Plan:
         return [f for f in self.format_order if f in wanted]
 
 
+def target_release(target) -> str | None:
+    """The TensorRT-LLM release a trtllm target's worker image runs (None for other backends)."""
+    return (target.trtllm_version or DEFAULT_TRTLLM_VERSION) if target.backend == "trtllm" else None
+
+
 def resolve_target_arch(target, local: dict) -> str:
     return local["arch"] if target.gpu == "auto" else arch_of(target.gpu)
 
@@ -119,7 +249,8 @@ def make_plan(recipe, local: dict, *, dispatch: bool = False) -> Plan:
                     "set targets[].work_pool to a Prefect work pool whose workers have that GPU"))
         for fmt in recipe.quantization.formats:
             reason = invalid_reason(fmt, arch, backend=target.backend, quant_device=local["device"],
-                                    engine=target.engine)
+                                    engine=target.engine, kv_cache=recipe.quantization.kv_cache,
+                                    release=target_release(target))
             reason = reason or plan.unplaced.get(target.name)
             plan.pairs.append(Pair(fmt, target.name, arch, reason))
     return plan

@@ -5,9 +5,14 @@ Runs on a GPU worker inside NVIDIA's TensorRT-LLM container. `targets[].engine` 
 * ``profile`` (default; TensorRT-LLM >= 1.2, PyTorch runtime): ``checkpoint/`` (the ModelOpt unified HF export,
   hard-linked), ``extra_llm_api_options.yaml`` (runtime options under their LlmArgs names) and ``autotuner/`` (the
   autotuner cache TensorRT-LLM produced on the target GPU).
-* ``legacy`` (pinned TensorRT-LLM <= 1.2): ``engine/`` (``rank*.engine`` + ``config.json``, built by
-  ``tensorrt_llm._tensorrt_engine.LLM`` with a ``BuildConfig`` and written by ``llm.save``) and ``checkpoint/``
-  for the tokenizer.
+* ``legacy`` (pinned TensorRT-LLM <= 1.3.0rc20, the last release with the TensorRT backend): ``engine/``
+  (``rank*.engine`` + ``config.json``, built by ``tensorrt_llm._tensorrt_engine.LLM`` with a ``BuildConfig`` and
+  written by ``llm.save``) and ``checkpoint/`` for the tokenizer. INT8-SmoothQuant arrives as a TensorRT-LLM
+  checkpoint exported for the target's tp (ModelOpt's export_tensorrt_llm_checkpoint), everything else as the
+  unified HF export.
+
+Which format, architecture, engine kind and release combine is tasks/targets.py's rule table; the build checks it
+again against the TensorRT-LLM actually installed on the worker.
 
 API facts come from the shared reference trtllm-modelopt.md (section 3) and TensorRT-LLM's sources, cited where
 used. Nothing here has run against a real TensorRT-LLM: tests/unit/test_trtllm_backend.py checks the calls, names
@@ -33,7 +38,7 @@ from typing import Iterator
 import yaml
 
 from tasks import store
-from tasks.targets import LEGACY_REFUSED_SM, arch_of, sm_number
+from tasks.targets import FORMAT_OF_QUANT_ALGO, KV_OF_QUANT_ALGO, arch_of, engine_reason, invalid_reason
 
 log = logging.getLogger(__name__)
 
@@ -116,8 +121,13 @@ def cuda_graph_batch_sizes(max_batch_size: int) -> list[int]:
 
 
 def runtime_options(target) -> dict:
-    """The profile's extra_llm_api_options: LlmArgs field names (llmapi/llm_args.py; reference section 3.1)."""
-    return {
+    """The profile's extra_llm_api_options: LlmArgs field names (llmapi/llm_args.py; reference section 3.1).
+
+    With max_num_tokens < max_seq_len, chunked prefill is turned on: without it the PyTorch runtime refuses every
+    prompt longer than max_num_tokens ("should not exceed max_num_tokens", llmapi/llm.py; its test
+    test_max_num_token_check), so evaluation and serving would fail on long prompts the profile claims to take.
+    """
+    options = {
         "max_batch_size": target.max_batch_size,
         "max_num_tokens": target.max_num_tokens,
         "max_seq_len": target.max_seq_len,
@@ -125,6 +135,9 @@ def runtime_options(target) -> dict:
         "kv_cache_config": {"dtype": target.kv_cache_dtype},
         "cuda_graph_config": {"batch_sizes": cuda_graph_batch_sizes(target.max_batch_size), "enable_padding": True},
     }
+    if target.max_num_tokens < target.max_seq_len:
+        options["enable_chunked_prefill"] = True
+    return options
 
 
 def llm_kwargs(options: dict) -> dict:
@@ -147,12 +160,27 @@ def warmup_batches(max_batch_size: int) -> list[int]:
 
 
 def read_quant_config(checkpoint: Path) -> dict | None:
-    """quant_algo and kv_cache_quant_algo of a ModelOpt unified export; None for an unquantized checkpoint."""
+    """quant_algo and kv_cache_quant_algo of a ModelOpt export (unified HF: hf_quant_config.json; TensorRT-LLM
+    checkpoint: config.json "quantization"); None for an unquantized checkpoint."""
     file = Path(checkpoint) / "hf_quant_config.json"
+    if file.is_file():
+        quant = json.loads(file.read_text()).get("quantization", {})
+    elif (trt := trtllm_checkpoint_config(Path(checkpoint))) is not None:
+        quant = trt.get("quantization") or {}
+        if not quant.get("quant_algo") and not quant.get("kv_cache_quant_algo"):
+            return None
+    else:
+        return None
+    return {"quant_algo": quant.get("quant_algo"), "kv_cache_quant_algo": quant.get("kv_cache_quant_algo")}
+
+
+def trtllm_checkpoint_config(checkpoint: Path) -> dict | None:
+    """config.json of a TensorRT-LLM checkpoint (PretrainedConfig: architecture, mapping, quantization), else None."""
+    file = Path(checkpoint) / "config.json"
     if not file.is_file():
         return None
-    quant = json.loads(file.read_text()).get("quantization", {})
-    return {"quant_algo": quant.get("quant_algo"), "kv_cache_quant_algo": quant.get("kv_cache_quant_algo")}
+    config = json.loads(file.read_text())
+    return config if "architecture" in config and "mapping" in config else None
 
 
 def is_legacy(profile_dir: Path) -> bool:
@@ -163,8 +191,9 @@ def is_legacy(profile_dir: Path) -> bool:
 # Build
 
 
-def _check_target(target, device: dict, quant: dict | None) -> None:
-    """Refuse, before any GPU time, what TensorRT-LLM would refuse later or what would be built for the wrong GPU."""
+def _check_target(target, device: dict, quant: dict | None, release: str, checkpoint: Path) -> None:
+    """Refuse, before any GPU time, what TensorRT-LLM would refuse later or what would be built for the wrong GPU:
+    the rule table of tasks/targets.py, checked against the TensorRT-LLM release installed here."""
     where = f"target '{target.name}'"
     if device.get("device") != "cuda":
         raise TrtllmError(f"{where}: TensorRT-LLM builds on the target GPU; this worker is {device.get('arch')} "
@@ -175,20 +204,30 @@ def _check_target(target, device: dict, quant: dict | None) -> None:
     if target.tp > (device.get("gpu_count") or 0):
         raise TrtllmError(f"{where}: tp={target.tp} needs {target.tp} GPUs; this worker has "
                           f"{device.get('gpu_count') or 0}")
-    algo = (quant or {}).get("quant_algo") or ""
+    algo = (quant or {}).get("quant_algo")
     kv = (quant or {}).get("kv_cache_quant_algo")
-    if target.engine == "profile" and algo.startswith("W8A8_SQ"):
-        raise TrtllmError(f"{where}: {algo} (INT8-SmoothQuant) has no PyTorch-runtime kernels; it needs "
-                          f"engine: legacy on TensorRT-LLM <= 1.2")
+    if algo and algo not in FORMAT_OF_QUANT_ALGO:
+        raise TrtllmError(f"{where}: quant_algo {algo} of {checkpoint} is none of the formats this pipeline "
+                          f"certifies ({', '.join(FORMAT_OF_QUANT_ALGO)})")
+    why = invalid_reason(FORMAT_OF_QUANT_ALGO[algo], device["arch"], backend=NAME, quant_device="cuda",
+                         engine=target.engine, kv_cache=KV_OF_QUANT_ALGO.get(kv, "none"),
+                         release=release) if algo else None
+    if why is None and not algo and target.engine == "legacy":
+        why = engine_reason("legacy", release)
+    if why:
+        raise TrtllmError(f"{where} on this worker (TensorRT-LLM {release}): {why}")
     if target.engine == "legacy":
-        refused = algo.startswith("W8A8_SQ") or algo in ("W8A16", "W4A16", "W4A16_AWQ", "W4A16_GPTQ") or kv == "INT8"
-        if refused and sm_number(device["arch"]) in LEGACY_REFUSED_SM:
-            raise TrtllmError(f"{where}: the legacy engine builder refuses {algo or kv} on SM 100-119 "
-                              f"(tensorrt_llm/builder.py); this GPU is {device['arch']}")
+        trt = trtllm_checkpoint_config(checkpoint)
+        exported_for = None if trt is None else trt["mapping"].get("world_size")
+        if algo == "W8A8_SQ_PER_CHANNEL" and exported_for != target.tp:
+            what = "a unified HF export" if trt is None else f"exported for world_size {exported_for}"
+            raise TrtllmError(f"{where}: INT8-SmoothQuant on a legacy engine is built from a TensorRT-LLM checkpoint "
+                              f"exported for tp={target.tp} (ModelOpt export_tensorrt_llm_checkpoint, as hf_ptq.py "
+                              f"does); {checkpoint} is {what}")
         if target.kv_cache_dtype != "auto" and kv != "FP8":
             raise TrtllmError(f"{where}: kv_cache_dtype '{target.kv_cache_dtype}' on a legacy engine comes from the "
-                              f"checkpoint (hf_quant_config.json kv_cache_quant_algo is {kv}); quantize with "
-                              f"quantization.kv_cache: fp8, or set kv_cache_dtype: auto")
+                              f"checkpoint (kv_cache_quant_algo is {kv}); quantize with quantization.kv_cache: "
+                              f"fp8_cast, or set kv_cache_dtype: auto")
 
 
 def build_profile(*, checkpoint_dir: str, target, device: dict, out: Path) -> dict:
@@ -199,7 +238,7 @@ def build_profile(*, checkpoint_dir: str, target, device: dict, out: Path) -> di
     trtllm = _trtllm()
     out = Path(out)
     quant = read_quant_config(Path(checkpoint_dir))
-    _check_target(target, device, quant)
+    _check_target(target, device, quant, str(trtllm.__version__), Path(checkpoint_dir))
     if target.engine == "legacy":
         _engine_llm_class(trtllm)  # fail before linking or loading anything
     store.link_or_copy_tree(Path(checkpoint_dir), out / CHECKPOINT)
@@ -314,9 +353,9 @@ def _engine_llm_class(trtllm):
     except ImportError:
         raise TrtllmError(
             f"engine: legacy needs TensorRT-LLM's TensorRT-engine backend (tensorrt_llm._tensorrt_engine), which "
-            f"TensorRT-LLM {trtllm.__version__} here does not have: it was removed in 1.3 (PR #15918). Run this "
-            f"target in a pinned <= 1.2 container (nvcr.io/nvidia/tensorrt-llm/release:1.2.x), or use engine: "
-            f"profile") from None
+            f"TensorRT-LLM {trtllm.__version__} here does not have: 1.3.0rc20 was the last release with it (PR "
+            f"#15918 removed it). Run this target on a worker whose image is TensorRT-LLM <= 1.3.0rc20 (e.g. "
+            f"nvcr.io/nvidia/tensorrt-llm/release:1.2.1), or use engine: profile") from None
 
 
 def _tail(path: Path, lines: int = 40) -> str:

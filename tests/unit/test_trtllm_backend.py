@@ -162,12 +162,32 @@ def test_every_entry_point_fails_at_once_without_tensorrt_llm(tmp_path, monkeypa
 def test_toolchain_records_the_installed_tensorrt_llm_and_tensorrt(fake, monkeypatch):
     versions = trtllm.toolchain_versions()
     full = store.toolchain()
-    assert versions == {"tensorrt_llm": "1.3.0rc21", "tensorrt": "10.13.3.9", "modelopt": full["modelopt"],
-                        "torch": full["torch"], "transformers": full["transformers"]}
+    # 1.3.0rc21 (the image pin): no TensorRT backend, no tensorrt dependency
+    assert versions == {"tensorrt_llm": "1.3.0rc21", "modelopt": full["modelopt"], "torch": full["torch"],
+                        "transformers": full["transformers"]}
     assert set(versions) <= set(trtllm.TOOLCHAIN_KEYS)
-    with monkeypatch.context() as m:
-        m.setitem(sys.modules, "tensorrt", None)  # TensorRT-LLM >= 1.3 does not depend on TensorRT
-        assert "tensorrt" not in trtllm.toolchain_versions()
+    monkeypatch.setenv("FAKE_TRTLLM_VERSION", "1.3.0rc20")
+    _drop_fake_modules()
+    assert trtllm.toolchain_versions()["tensorrt"] == "10.13.3.9"
+
+
+@pytest.mark.parametrize("release, has_engine_backend", [("1.2.1", True), ("1.3.0rc20", True),
+                                                         ("1.3.0rc21", False), ("1.3.0", False)])
+def test_the_fake_mirrors_what_each_release_ships(fake, monkeypatch, release, has_engine_backend):
+    """v1.3.0rc20 was the last release with the TensorRT backend: from rc21 on `_tensorrt_engine` and `tensorrt`
+    are gone, and the plan's rule (targets.ENGINE_RELEASES) draws the same line."""
+    from tasks.targets import engine_reason
+
+    monkeypatch.setenv("FAKE_TRTLLM_VERSION", release)
+    _drop_fake_modules()
+    assert importlib.import_module("tensorrt_llm").__version__ == release
+    for module in ("tensorrt_llm._tensorrt_engine", "tensorrt"):
+        if has_engine_backend:
+            importlib.import_module(module)
+        else:
+            with pytest.raises(ModuleNotFoundError):
+                importlib.import_module(module)
+    assert (engine_reason("legacy", release) is None) == has_engine_backend
 
 
 # --- build: deployment profile (PyTorch runtime) ----------------------------------------------------------------
@@ -233,13 +253,18 @@ def test_a_failed_load_reports_the_tail_of_the_build_log(fake, tmp_path, tiny_mo
     (dict(), CPU, None, "no CUDA device"),
     (dict(gpu="B200"), H100, None, "is for sm_100 (B200) but this worker's GPU is sm_90"),
     (dict(tp=2), H100, None, "tp=2 needs 2 GPUs; this worker has 1"),
-    (dict(), H100, ("W8A8_SQ_PER_CHANNEL", None), "needs engine: legacy"),
-    (dict(name="b200", gpu="B200", engine="legacy"), B200, ("W8A8_SQ_PER_CHANNEL", None), "SM 100-119"),
-    (dict(name="b200", gpu="B200", engine="legacy"), B200, ("W4A16_AWQ", None), "SM 100-119"),
+    (dict(), H100, ("W8A8_SQ_PER_CHANNEL", None), "set targets[].engine: legacy"),
+    (dict(name="b200", gpu="B200", engine="legacy"), B200, ("W8A8_SQ_PER_CHANNEL", None), "builder.py"),
+    (dict(name="b200", gpu="B200", engine="legacy"), B200, ("W4A16_AWQ", None), "builder.py"),
     (dict(engine="legacy", kv_cache_dtype="fp8"), H100, ("FP8", None), "kv_cache_quant_algo is None"),
+    (dict(engine="legacy"), H100, ("W8A8_SQ_PER_CHANNEL", None), "is a unified HF export"),
+    (dict(name="b200", gpu="B200"), B200, ("W4A16_AWQ", None), "TensorRT-LLM 1.2.1; allowed"),
+    (dict(name="rtx", gpu="RTX-5090"), {**H100, "arch": "sm_120"}, ("W4A8_AWQ", None), "on sm_120"),
+    (dict(), H100, ("NVFP4", None), "allowed: sm_100, sm_103, sm_120"),
 ])
 def test_builds_that_cannot_work_are_refused_before_loading(fake, tmp_path, tiny_model_dir, t, device, quant,
-                                                            message):
+                                                            message, monkeypatch):
+    monkeypatch.setenv("FAKE_TRTLLM_VERSION", "1.2.1")  # a release with both engine kinds
     ckpt = checkpoint(tmp_path, tiny_model_dir, *(quant or (None, None)))
     with pytest.raises(trtllm.TrtllmError, match=re.escape(message)):
         build_into(tmp_path, ckpt, target(**t), device)
@@ -250,9 +275,26 @@ def test_builds_that_cannot_work_are_refused_before_loading(fake, tmp_path, tiny
 # --- build: legacy TensorRT engine ------------------------------------------------------------------------------
 
 
+def trtllm_checkpoint(tmp_path: Path, tiny_model_dir: Path, tp: int, quant_algo="W8A8_SQ_PER_CHANNEL") -> Path:
+    """What ModelOpt's export_tensorrt_llm_checkpoint writes for `tp` ranks (config.json: PretrainedConfig), with
+    the tokenizer files the quantize stage saves next to it."""
+    out = tmp_path / f"trtllm-ckpt-tp{tp}"
+    out.mkdir()
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        if (tiny_model_dir / name).is_file():
+            (out / name).write_bytes((tiny_model_dir / name).read_bytes())
+    (out / "config.json").write_text(json.dumps({
+        "architecture": "LlamaForCausalLM", "dtype": "float16",
+        "mapping": {"world_size": tp, "tp_size": tp, "pp_size": 1},
+        "quantization": {"quant_algo": quant_algo, "kv_cache_quant_algo": None}}))
+    for rank in range(tp):
+        (out / f"rank{rank}.safetensors").write_bytes(b"fake weights")
+    return out
+
+
 def test_legacy_engine_build_uses_build_config_and_llm_save(fake, tmp_path, tiny_model_dir, monkeypatch):
     monkeypatch.setenv("FAKE_TRTLLM_VERSION", "1.2.1")
-    ckpt = checkpoint(tmp_path, tiny_model_dir, "W8A8_SQ_PER_CHANNEL")
+    ckpt = trtllm_checkpoint(tmp_path, tiny_model_dir, tp=2)
     out, options = build_into(tmp_path, ckpt, target(engine="legacy", tp=2), {**H100, "gpu_count": 2})
 
     load = fake.one("tensorrt.LLM")
@@ -264,6 +306,8 @@ def test_legacy_engine_build_uses_build_config_and_llm_save(fake, tmp_path, tiny
     assert sorted(p.name for p in (out / "engine").iterdir()) == ["config.json", "rank0.engine", "rank1.engine"]
     engine_config = json.loads((out / "engine" / "config.json").read_text())
     assert engine_config["version"] == "1.2.1"
+    assert engine_config["pretrained_config"]["quantization"]["quant_algo"] == "W8A8_SQ_PER_CHANNEL"
+    assert options["quantization"] == {"quant_algo": "W8A8_SQ_PER_CHANNEL", "kv_cache_quant_algo": None}
     assert {k: engine_config["build_config"][k] for k in ("max_batch_size", "max_input_len", "max_seq_len",
                                                           "max_num_tokens")} == options["build_config"]
     assert [c["call"] for c in fake.all() if c["call"].startswith("tensorrt.LLM")] == \
@@ -274,11 +318,26 @@ def test_legacy_engine_build_uses_build_config_and_llm_save(fake, tmp_path, tiny
     assert not fake.named("pytorch.LLM")
 
 
-def test_legacy_engine_needs_a_tensorrt_llm_that_still_has_it(fake, tmp_path, tiny_model_dir, monkeypatch):
-    monkeypatch.setenv("FAKE_TRTLLM_NO_ENGINE_BACKEND", "1")
-    with pytest.raises(trtllm.TrtllmError, match=r"removed in 1\.3.*release:1\.2\.x"):
+def test_int8_sq_checkpoint_exported_for_another_tp_is_refused(fake, tmp_path, tiny_model_dir, monkeypatch):
+    monkeypatch.setenv("FAKE_TRTLLM_VERSION", "1.2.1")
+    ckpt = trtllm_checkpoint(tmp_path, tiny_model_dir, tp=1)
+    with pytest.raises(trtllm.TrtllmError, match="exported for tp=2.*world_size 1"):
+        build_into(tmp_path, ckpt, target(engine="legacy", tp=2), {**H100, "gpu_count": 2})
+    assert not fake.named("tensorrt.LLM")
+    # the fake refuses the mismatch too, as ModelLoader reads rank{N}.safetensors for the LLM's own mapping
+    from tensorrt_llm._tensorrt_engine import LLM
+    with pytest.raises(ValueError, match="world_size 1"):
+        LLM(str(ckpt), tensor_parallel_size=2)
+
+
+@pytest.mark.parametrize("release", ["1.3.0rc21", "1.3.1"])
+def test_legacy_engine_needs_a_tensorrt_llm_that_still_has_it(fake, tmp_path, tiny_model_dir, monkeypatch, release):
+    monkeypatch.setenv("FAKE_TRTLLM_VERSION", release)
+    with pytest.raises(trtllm.TrtllmError, match=rf"TensorRT-LLM {release}.*<=1\.3\.0rc20.*release:1\.2\.1"):
         build_into(tmp_path, tiny_model_dir, target(engine="legacy"))
     assert not any((tmp_path / "profile").iterdir())
+    with pytest.raises(trtllm.TrtllmError, match=r"1\.3\.0rc20 was the last release with it"):
+        trtllm._engine_llm_class(importlib.import_module("tensorrt_llm"))
 
 
 # --- build through tasks.build: the manifest pins the toolchain --------------------------------------------------
@@ -290,7 +349,7 @@ def test_manifest_pins_tensorrt_llm_and_a_version_change_is_refused(fake, tiny_m
     artifact = build.build(**kwargs)
     assert not artifact.cached and artifact.backend == "trtllm" and artifact.arch == "sm_90"
     manifest = artifact.manifest
-    assert manifest["toolchain"]["tensorrt_llm"] == "1.3.0rc21" and manifest["toolchain"]["tensorrt"] == "10.13.3.9"
+    assert manifest["toolchain"]["tensorrt_llm"] == "1.3.0rc21" and "tensorrt" not in manifest["toolchain"]
     assert manifest["build_options"]["runtime"] == "pytorch"
     assert manifest["target"]["gpu_name"] == H100["gpu_name"] and manifest["target"]["driver"] == H100["driver"]
     assert (Path(artifact.path) / "autotuner" / "autotuner_cache.json").is_file()
@@ -486,3 +545,39 @@ def test_lm_eval_on_a_legacy_engine_loads_the_engine_and_refuses_loglikelihood(f
             "kv_cache_config": {"type": "KvCacheConfig", "enable_block_reuse": False}}]
         with pytest.raises(trtllm.TrtllmError, match="legacy TensorRT engine"):
             lm.loglikelihood([Instance("loglikelihood", {}, ("a", " b"), 0)], disable_tqdm=True)
+
+
+def test_prompt_logprobs_have_one_entry_per_prompt_token(fake):
+    """TensorRT-LLM scores prompt_token_ids[1:] + the first generated token against the context logits
+    (executor/base_worker.py _compute_pytorch_prompt_logprobs): as many entries as prompt tokens."""
+    from tensorrt_llm import LLM, SamplingParams
+
+    tokens = [5, 9, 14, 20, 33]
+    out = LLM(str(FAKES)).generate(tokens, sampling_params=SamplingParams(max_tokens=1, prompt_logprobs=1))
+    entries = out.outputs[0].prompt_logprobs
+    assert len(entries) == len(tokens)
+    assert all(tokens[i + 1] in entries[i] for i in range(len(tokens) - 1))
+    assert out.outputs[0].token_ids[0] in entries[-1]
+
+
+def test_long_prompts_need_chunked_prefill_below_max_seq_len(fake, upstream, tmp_path, tiny_model_dir):
+    """The PyTorch runtime refuses a prompt longer than max_num_tokens unless chunked prefill is on
+    (test_max_num_token_check); a profile with max_num_tokens < max_seq_len turns it on, so evaluation (and
+    trtllm-serve, which reads the same options file) takes prompts up to max_seq_len."""
+    from lm_eval.api.instance import Instance
+    from tensorrt_llm import LLM, SamplingParams
+
+    long_prompt = list(range(3, 43))  # 40 tokens
+    with pytest.raises(ValueError, match=r"should not exceed max_num_tokens \(16\)"):
+        LLM(str(tiny_model_dir), max_num_tokens=16).generate(long_prompt, sampling_params=SamplingParams())
+
+    t = target(max_num_tokens=16, max_seq_len=512)
+    assert trtllm.runtime_options(t)["enable_chunked_prefill"] is True
+    assert "enable_chunked_prefill" not in trtllm.runtime_options(target(max_num_tokens=512, max_seq_len=512))
+    profile = hand_made_profile(tmp_path, tiny_model_dir, t)
+    context = " ".join(["quantization reduces the memory of large models"] * 4)
+    with trtllm.lm_eval_model(profile, batch_size=1, max_length=256) as lm:
+        [(logprob, _)] = lm.loglikelihood([Instance("loglikelihood", {}, (context, " again"), 0)], disable_tqdm=True)
+        assert len(lm.tok_encode(context)) > 16 and logprob < 0
+    load = fake.named("pytorch.LLM")[-1]
+    assert load["enable_chunked_prefill"] is True and load["max_num_tokens"] == 16

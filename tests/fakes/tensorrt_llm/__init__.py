@@ -11,13 +11,20 @@ It encodes the documented API the backend relies on (shared reference trtllm-mod
   MPI-spawned worker that does not see variables set later (TensorRT-LLM's own tests patch MpiPoolSession to pass
   them);
 * `_tensorrt_engine.LLM.save(dir)` writes `config.json` + `rank{N}.engine` like `Engine.save`;
-* `prompt_logprobs` are aligned as TensorRT-LLM aligns them (entry i is the distribution that predicted token
-  i + 1), carrying only the top-1 token before 1.3.0rc11.
+* `prompt_logprobs` are aligned as TensorRT-LLM aligns them: one entry per prompt token, entry i the distribution
+  that predicted token i + 1 (the last one predicted the first generated token; executor/base_worker.py scores
+  `prompt_token_ids[1:] + first_generation_token` against the context logits), carrying only the top-1 token
+  before 1.3.0rc11;
+* the PyTorch `LLM.generate` refuses a prompt longer than `max_num_tokens` (default 8192) unless
+  `enable_chunked_prefill` is on, with the library's message (llmapi/llm.py `_check_arguments`; its test
+  `TestLlmError.test_max_num_token_check`);
+* the release decides what exists (RELEASES below): `_tensorrt_engine` and `tensorrt` are gone from 1.3.0rc21 on
+  (v1.3.0rc20 was "the last one supporting the TensorRT backend"; PR #15918 deleted `_tensorrt_engine/`).
 
 Every call is kept in CALLS and, when FAKE_TRTLLM_LOG names a file, appended to it as a JSON line (the backend
-builds in a child process). Environment knobs: FAKE_TRTLLM_VERSION (__version__, default 1.3.0rc21),
-FAKE_TRTLLM_NO_ENGINE_BACKEND=1 (no `_tensorrt_engine`, as after its removal in 1.3), FAKE_TRTLLM_LOAD_ERROR
-(LLM(...) raises RuntimeError with this text), FAKE_TRTLLM_AUTOTUNER=0 (nothing to tune: no cache file is written).
+builds in a child process). Environment knobs: FAKE_TRTLLM_VERSION (__version__, default 1.3.0rc21, the image pin),
+FAKE_TRTLLM_LOAD_ERROR (LLM(...) raises RuntimeError with this text), FAKE_TRTLLM_AUTOTUNER=0 (nothing to tune: no
+cache file is written).
 """
 
 from __future__ import annotations
@@ -55,10 +62,21 @@ def record(call: str, **data) -> None:
             f.write(json.dumps(entry) + "\n")
 
 
+# What changes between releases, by the first release that has the change.
+RELEASES = {
+    "prompt_logprobs_all_tokens": "1.3.0rc11",  # before it: only the top-1 token per prompt position
+    "no_tensorrt_backend": "1.3.0rc21",  # _tensorrt_engine and the tensorrt dependency removed
+}
+
+
 def version_at_least(version: str) -> bool:
     from packaging.version import Version
 
     return Version(str(globals()["__version__"])) >= Version(version)
+
+
+def has_tensorrt_backend() -> bool:
+    return not version_at_least(RELEASES["no_tensorrt_backend"])
 
 
 class _Config:
@@ -90,6 +108,8 @@ class KvCacheConfig(_Config):
     DEFAULTS = {"dtype": "auto", "enable_block_reuse": True, "free_gpu_memory_fraction": 0.9}
 
     def validate(self):
+        # llm_args.py types dtype as a free str; the PyTorch runtime maps "fp8"/"nvfp4" to the KV quant algo and
+        # "auto" to the checkpoint's (kv_cache_manager: `kv_cache_config.dtype == "nvfp4"`); nothing else is read.
         if self.dtype not in ("auto", "fp8", "nvfp4"):
             raise ValueError(f"KvCacheConfig.dtype must be auto, fp8 or nvfp4, got {self.dtype!r}")
 
@@ -176,15 +196,14 @@ def fake_rank(token: int) -> int:
     return 1 if token % 2 == 0 else 2
 
 
-def _prompt_logprobs(tokens: list[int]) -> list[dict]:
-    """Entry i is the distribution that predicted tokens[i + 1] (TensorRT-LLM computes prompt logprobs from
-    prompt_token_ids[1:] + the first generated token)."""
+def _prompt_logprobs(tokens: list[int], first_generated: int) -> list[dict]:
+    """One entry per prompt token: entry i is the distribution that predicted tokens[i + 1], the last one the first
+    generated token (TensorRT-LLM scores prompt_token_ids[1:] + first_generation_token)."""
     entries = []
-    for position in range(1, len(tokens)):
-        token = tokens[position]
+    for position, token in enumerate(tokens[1:] + [first_generated], start=1):
         actual = Logprob(fake_logprob(token, position), fake_rank(token))
         top = {token ^ 1: Logprob(-0.01, 1)} if actual.rank != 1 else {}
-        if version_at_least("1.3.0rc11"):
+        if version_at_least(RELEASES["prompt_logprobs_all_tokens"]):
             entries.append({token: actual, **top})
         else:  # older releases return only the top-1 token per prompt position
             entries.append(top or {token: actual})
@@ -239,7 +258,9 @@ class _BaseLLM:
             ids = [ord(c) % 97 + 3 for c in prompt[:16]] if isinstance(prompt, str) else list(prompt)
             max_tokens = p.max_tokens if p is not None else 32
             generated = [(sum(ids) + j) % 97 + 3 for j in range(max_tokens)]
-            logprobs = _prompt_logprobs(ids) if p is not None and p.prompt_logprobs is not None else None
+            self._check_prompt(ids)
+            logprobs = (_prompt_logprobs(ids, generated[0]) if p is not None and p.prompt_logprobs is not None
+                        else None)
             outputs.append(RequestOutput(self._requests, prompt if isinstance(prompt, str) else None, ids,
                                          [CompletionOutput(0, " fake" * max_tokens, generated, logprobs)]))
             self._requests += 1
@@ -247,6 +268,9 @@ class _BaseLLM:
 
     def shutdown(self):
         record(f"{self.backend}.LLM.shutdown")
+
+    def _check_prompt(self, ids: list[int]) -> None:
+        pass
 
 
 class LLM(_BaseLLM):
@@ -266,6 +290,13 @@ class LLM(_BaseLLM):
         super().__init__(model, tokenizer, **kwargs)
         if self.args.get("enable_autotuner", True):
             self._autotune()
+
+    def _check_prompt(self, ids: list[int]) -> None:
+        """llm.py _check_arguments, PyTorch backend without chunked prefill (test_max_num_token_check)."""
+        max_num_tokens = self.args.get("max_num_tokens", 8192)
+        if not self.args.get("enable_chunked_prefill") and max_num_tokens and len(ids) > max_num_tokens:
+            raise ValueError(f"The sum of prompt length ({float(len(ids))}), query length (0) should not exceed "
+                             f"max_num_tokens ({max_num_tokens})")
 
     def _autotune(self):
         """As the model engine's autotuner warm-up: autotune(cache_path=$TLLM_AUTOTUNER_CACHE_PATH) loads the file
