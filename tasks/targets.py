@@ -169,7 +169,7 @@ def _rule_reason(rules, kind: str, what: str, sm: int, runtime: str, release: st
         hint = " (set targets[].engine: legacy)" if what == "int8_sq" and runtime == "pytorch" else ""
         return f"{kind} {what} has no kernels in {where}{hint}; target is {arch}"
     archs = [_sm_list(r.sms) + (f" (TensorRT-LLM {r.releases})" if r.releases else "") for r in mine]
-    release_note = f" TensorRT-LLM {release}" if release and runtime != "reference" else ""
+    release_note = f" (TensorRT-LLM {release})" if release and runtime != "reference" else ""
     return (f"{kind} {what} is not served by {where} on {arch}{release_note}; allowed: {', '.join(archs)} "
             f"(sources: {'; '.join(sorted({r.source for r in mine}))})")
 
@@ -178,20 +178,22 @@ def invalid_reason(fmt: str, arch: str, *, backend: str, quant_device: str, engi
                    kv_cache: str = "none", release: str | None = None) -> str | None:
     """Why this format cannot be built/served for this arch, backend, engine kind and TensorRT-LLM release (None:
     it can). `release` is the target image's TensorRT-LLM version (trtllm backend only)."""
+    sm = sm_number(arch)
+    if sm is None and backend == "trtllm":
+        return f"TensorRT-LLM runs only on NVIDIA GPUs; target is {arch}"
+    if sm is not None:
+        runtime = runtime_of(backend, engine)
+        if runtime != "reference" and release is not None and (why := engine_reason(engine, release)):
+            return why
+        if why := _rule_reason(VALIDITY_RULES, "format", fmt, sm, runtime, release, arch):
+            return why
+        if kv_cache != "none" and runtime != "reference" and (
+                why := _rule_reason(KV_CACHE_RULES, "KV cache", kv_cache, sm, runtime, release, arch)):
+            return why
     if fmt in CUDA_CALIBRATION and quant_device != "cuda":
         return CUDA_CALIBRATION[fmt]
     if kv_cache in CUDA_KV_CALIBRATION and quant_device != "cuda":
         return CUDA_KV_CALIBRATION[kv_cache]
-    sm = sm_number(arch)
-    if sm is None:
-        return f"TensorRT-LLM runs only on NVIDIA GPUs; target is {arch}" if backend == "trtllm" else None
-    runtime = runtime_of(backend, engine)
-    if runtime != "reference" and release is not None and (why := engine_reason(engine, release)):
-        return why
-    if why := _rule_reason(VALIDITY_RULES, "format", fmt, sm, runtime, release, arch):
-        return why
-    if kv_cache != "none" and runtime != "reference":
-        return _rule_reason(KV_CACHE_RULES, "KV cache", kv_cache, sm, runtime, release, arch)
     return None
 
 

@@ -258,7 +258,7 @@ def test_a_failed_load_reports_the_tail_of_the_build_log(fake, tmp_path, tiny_mo
     (dict(name="b200", gpu="B200", engine="legacy"), B200, ("W4A16_AWQ", None), "builder.py"),
     (dict(engine="legacy", kv_cache_dtype="fp8"), H100, ("FP8", None), "kv_cache_quant_algo is None"),
     (dict(engine="legacy"), H100, ("W8A8_SQ_PER_CHANNEL", None), "is a unified HF export"),
-    (dict(name="b200", gpu="B200"), B200, ("W4A16_AWQ", None), "TensorRT-LLM 1.2.1; allowed"),
+    (dict(name="b200", gpu="B200"), B200, ("W4A16_AWQ", None), "(TensorRT-LLM 1.2.1); allowed"),
     (dict(name="rtx", gpu="RTX-5090"), {**H100, "arch": "sm_120"}, ("W4A8_AWQ", None), "on sm_120"),
     (dict(), H100, ("NVFP4", None), "allowed: sm_100, sm_103, sm_120"),
 ])
