@@ -1,9 +1,11 @@
 """Quantize: ModelOpt post-training quantization of the imported checkpoint on the calibration set.
 
-Writes two checkpoints per format:
-  - ``fakequant/``: the HF model with ModelOpt's quantizer state (``modelopt_state.pth``); the reference backend
-    restores it and computes exactly what the quantized model computes;
-  - ``unified/``: ModelOpt's unified HF export (``hf_quant_config.json``), what TensorRT-LLM loads.
+Writes per format:
+  - ``unified/``: ModelOpt's unified HF export (``hf_quant_config.json``), what TensorRT-LLM loads;
+  - ``fakequant/``: the base checkpoint's files hard-linked (no copy) plus ModelOpt's quantizer state
+    (tasks/quant_state.py: a few MB, byte-deterministic); the reference backend restores the state onto the base
+    weights and computes exactly what the in-memory quantized model computed.
+The model is placed by tasks/placement.py: one GPU, or sharded over the visible GPUs when it does not fit one.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from tasks import store
+from tasks import placement, quant_state, store, warmup
 
 log = logging.getLogger(__name__)
 
@@ -30,10 +32,6 @@ MODELOPT_PRESETS = {
 }
 AWQ_FORMATS = ("int4_awq", "w4a8_awq")
 CUDA_ONLY_FORMATS = {"nvfp4": "NVFP4 calibration uses ModelOpt's CUDA kernels; run quantization on a GPU worker"}
-
-
-# ModelOpt pickles its quantizer state with torch.save: the bytes differ between two runs of the same inputs.
-VOLATILE = ("fakequant/modelopt_state.pth",)
 
 
 class QuantizationError(ValueError):
@@ -102,7 +100,7 @@ def key_parts(*, model_fp: str, calib_digest: str, fmt: str, kv_cache: str, awq_
             "awq_block_size": awq_block_size, "max_tokens": max_tokens, "batch_size": batch_size, "device": device,
             "toolchain": {"modelopt": store.version_of("nvidia-modelopt"), "torch": store.version_of("torch"),
                           "transformers": store.version_of("transformers")},
-            "code": store.source_digest(sys.modules[__name__])}
+            "code": store.source_digest(sys.modules[__name__], quant_state)}
 
 
 def resolved_block_size(fmt: str, model_dir: str, requested: int | None) -> int | None:
@@ -151,55 +149,83 @@ def _quantize_and_export(model_dir, calibration_file, fmt, kv_cache, awq_block_s
                          device, key, out, parts) -> dict:
     import time
 
-    import modelopt.torch.opt as mto
     import modelopt.torch.quantization as mtq
     import torch
     from modelopt.torch.export import export_hf_checkpoint
     from tqdm import tqdm
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
-    mto.enable_huggingface_checkpointing()
     started = time.perf_counter()
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device).eval()
+    where = placement.plan(model_dir, dtype=dtype, device=device, what=f"{Path(model_dir).name} ({fmt})")
+    model = placement.load_causal_lm(model_dir, dtype=dtype, placement=where)
     model.config.architectures = [type(model).__name__]
+    input_device = placement.input_device(model)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    texts = pd.read_parquet(calibration_file)["text"].tolist()
+    calib = pd.read_parquet(calibration_file)
+    texts = calib["text"].tolist()
+    packed = "input_ids" in calib.columns  # tasks/calibrate.py pack: equal-length token sequences, no padding
     cfg = build_quant_config(fmt, kv_cache=kv_cache, awq_block_size=awq_block_size)
 
     def forward_loop(m):
         padding_side, tokenizer.padding_side = tokenizer.padding_side, "left"
         try:
             for i in tqdm(range(0, len(texts), batch_size), desc=f"calibrate {fmt}", unit="batch"):
-                batch = tokenizer(texts[i:i + batch_size], return_tensors="pt", padding=True, truncation=True,
-                                  max_length=max_tokens).to(device)
+                if packed:
+                    ids = torch.tensor(calib["input_ids"].iloc[i:i + batch_size].tolist(), device=input_device)
+                    batch = {"input_ids": ids}
+                else:
+                    batch = tokenizer(texts[i:i + batch_size], return_tensors="pt", padding=True, truncation=True,
+                                      max_length=max_tokens).to(input_device)
                 with torch.no_grad():
-                    m(**batch)
+                    m(**batch, use_cache=False)  # no KV cache: calibration never decodes
         finally:
             tokenizer.padding_side = padding_side
 
-    log.info("quantizing to %s on %s (%d calibration texts)", fmt, device, len(texts))
-    mtq.quantize(model, cfg, forward_loop)
+    log.info("quantizing to %s on %s (%d calibration %s)", fmt, where.describe(), len(texts),
+             "packed sequences" if packed else "texts")
+    if device == "cuda":
+        warmup.announce(f"quantize {fmt}")
+    with quant_state.recording_folds() as folds:
+        mtq.quantize(model, cfg, forward_loop)
     with store.atomic_dir(out) as tmp:
         mtq.print_quant_summary(model, output_dir=str(tmp))
-        # Save the fake-quant model before export: export packs weights in place.
-        model.save_pretrained(tmp / "fakequant")
-        tokenizer.save_pretrained(tmp / "fakequant")
+        # The quantizer state, before export: export packs weights in place. Base files are linked, not copied.
+        quant_state.save(model, tmp / "fakequant", base_fingerprint=parts["model"], folds=folds)
+        link_base_checkpoint(Path(model_dir), tmp / "fakequant")
         with torch.inference_mode():
             export_hf_checkpoint(model, dtype=torch.bfloat16, export_dir=str(tmp / "unified"))
         tokenizer.save_pretrained(tmp / "unified")
         quant_config = _read_json(tmp / "unified" / "hf_quant_config.json")
+        del model
         seconds = round(time.perf_counter() - started, 2)
         manifest = store.write_manifest(tmp, {
             "stage": "quantize", "key": key, "inputs": parts, "format": fmt, "kv_cache": kv_cache, "awq_block_size": awq_block_size,
-            "device": device, "seconds": seconds, "toolchain": store.toolchain(),
+            "device": device, "placement": where.describe(), "seconds": seconds, "toolchain": store.toolchain(),
             "quant_algo": (quant_config or {}).get("quantization", {}).get("quant_algo"),
             "hf_quant_config": quant_config,
-        }, volatile=VOLATILE)
+        })
+        manifest["seconds"] = round(time.perf_counter() - started, 2)  # hashing included (what the run recorded)
     log.info("%s quantized and exported in %.1f s", fmt, seconds)
     return manifest
+
+
+def link_base_checkpoint(model_dir: Path, out: Path) -> None:
+    """Hard-link the base checkpoint's files (weights, config, tokenizer) next to the quantizer state."""
+    import os
+    import shutil
+
+    for file in sorted(model_dir.iterdir()):
+        if not file.is_file() or file.name == store.MANIFEST or (out / file.name).exists():
+            continue
+        try:
+            os.link(file, out / file.name)
+        except OSError:
+            log.warning("cannot hard-link %s into the store (another filesystem?): copying %.1f GB. Keep "
+                        "ENGINEWRIGHT_HOME on the model's filesystem to avoid this copy.", file, file.stat().st_size / 1e9)
+            shutil.copy2(file, out / file.name)
 
 
 def _read_json(path: Path) -> dict | None:

@@ -52,21 +52,30 @@ def build_profile(*, checkpoint_dir: str, target, device: dict, out: Path) -> di
 
     with MODEL_LOCK, torch.no_grad():  # the profile must load and run on its target before it exists
         model, tokenizer = load_model(out, options)
-        model(**tokenizer("build check", return_tensors="pt").to(options["device"]))
+        model(**tokenizer("build check", return_tensors="pt").to(model.get_input_embeddings().weight.device))
         del model
     return options
 
 
 def load_model(profile_dir: Path, options: dict | None = None):
+    """The profile's model: base weights, with ModelOpt's quantizer state restored onto them when it has one.
+
+    On CUDA it goes to one GPU or, when it does not fit one, is sharded over the visible GPUs (tasks/placement.py).
+    """
     import modelopt.torch.opt as mto
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
+
+    from tasks import placement, quant_state
 
     options = options or yaml.safe_load((Path(profile_dir) / RUNTIME_FILE).read_text())
-    mto.enable_huggingface_checkpointing()  # restores ModelOpt quantizers from modelopt_state.pth when present
+    mto.enable_huggingface_checkpointing()  # profiles built before quant_state.json carry modelopt_state.pth
     ckpt = Path(profile_dir) / CHECKPOINT
-    model = AutoModelForCausalLM.from_pretrained(ckpt, dtype=getattr(torch, options["dtype"]))
-    model = model.to(options["device"]).eval()
+    dtype = getattr(torch, options["dtype"])
+    where = placement.plan(ckpt, dtype=dtype, device=options["device"], what=f"profile {profile_dir}")
+    model = placement.load_causal_lm(ckpt, dtype=dtype, placement=where)
+    if quant_state.is_quant_state_dir(ckpt):
+        model = quant_state.restore(model, ckpt).eval()
     tokenizer = AutoTokenizer.from_pretrained(ckpt)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token

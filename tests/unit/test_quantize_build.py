@@ -62,7 +62,7 @@ def test_fp8_quantize_exports_unified_checkpoint_and_is_cached(tiny_model_dir, c
     quant_cfg = json.loads((unified / "hf_quant_config.json").read_text())
     assert quant_cfg["quantization"]["quant_algo"] == "FP8"
     assert (unified / "tokenizer.json").is_file()  # the exporter does not write it; we do
-    assert (Path(q.fakequant_dir) / "modelopt_state.pth").is_file()
+    assert (Path(q.fakequant_dir) / "quant_state.json").is_file()  # quantizer state, base weights linked
     again = _quantize(tiny_model_dir, calib_file)
     assert again.cached and again.fingerprint == q.fingerprint
     other = quantize.quantize(model_dir=str(tiny_model_dir), model_fp="fp-fp8", calibration_file=calib_file,
