@@ -42,7 +42,7 @@ def _load(recipe: Path, overrides: list[str] | None) -> Recipe:
     return _load_with_dir(recipe, overrides)[0]
 
 
-@app.command(epilog="Example: enginewright validate recipes/demo.yaml --set quantization.formats=[fp8]")
+@app.command(epilog="Example: enginewright validate recipes/demo.yaml --set quantization.formats=\\[fp8]")  # \\[: not rich markup
 def validate(recipe: Path = typer.Argument(..., help="recipe YAML"),
              set_: Optional[List[str]] = typer.Option(None, "--set", help=OVERRIDE_HELP)) -> None:
     """Check a recipe (schema, values, files) without running anything; lists every problem at once."""
@@ -200,22 +200,31 @@ def print_summary(result: dict) -> None:
 
 @app.command(epilog="Example: enginewright resolve smollm2-135m-reference --gpu H100")
 def resolve(model: str = typer.Argument(..., help="registered model name, e.g. smollm2-135m-reference"),
-            gpu: str = typer.Option("auto", help="GPU name (H100, A100, ...), sm_XY, or auto (this machine)"),
+            gpu: str = typer.Option("auto", help="GPU name (H100, A100, ...), an arch (sm_90, sm90, cpu-x86_64), "
+                                    "or auto (this machine)"),
             tp: int = typer.Option(1, help="tensor-parallel size"),
             prefix: str = typer.Option("champion", help="alias prefix"),
             verify: bool = typer.Option(False, "--verify", help="also check that the profile's files are here and "
                                         "were built for this machine's arch and toolchain")) -> None:
-    """Which registry version a node with this GPU should serve, and where its files are."""
+    """Which registry version a node with this GPU should serve, and where its files are (JSON on stdout; messages
+    on stderr). Exit 2: unknown model or GPU; 4: nothing certified for that GPU."""
     from flows import env
 
     env.configure(offline=True)
     from registry.mlflow_registry import resolve as resolve_version
     from tasks import store
-    from tasks.targets import arch_of
+    from registry.mlflow_registry import UnknownModel
 
-    arch = store.local_device()["arch"] if gpu == "auto" else arch_of(gpu)
+    try:
+        arch = _arch_of(gpu)
+    except ValueError as exc:
+        typer.echo(f"--gpu: {exc}", err=True)
+        raise typer.Exit(EXIT_BAD_INPUT) from None
     try:
         answer = resolve_version(name=model, arch=arch, prefix=prefix, tp=tp)
+    except UnknownModel as exc:
+        typer.echo(str(exc), err=True)
+        raise typer.Exit(EXIT_BAD_INPUT) from None
     except LookupError as exc:
         typer.echo(str(exc), err=True)
         raise typer.Exit(EXIT_NOT_CERTIFIED) from None
@@ -229,6 +238,23 @@ def resolve(model: str = typer.Argument(..., help="registered model name, e.g. s
             raise typer.Exit(3) from None
         answer["verified_on"] = store.local_device()["arch"]
     print(json.dumps(answer, indent=2))
+
+
+def _arch_of(gpu: str) -> str:
+    """--gpu as an arch: auto, a catalogue GPU name, or an arch in either spelling (sm_90/sm90, cpu-x86_64/cpu-x86-64;
+    aliases use the second, manifests and the gpu_arch tag the first, and both name the same alias)."""
+    import re
+
+    from tasks import store
+    from tasks.targets import arch_of
+
+    if gpu == "auto":
+        return store.local_device()["arch"]
+    if re.fullmatch(r"sm\d{2,3}", gpu):
+        return f"sm_{gpu[2:]}"
+    if re.fullmatch(r"cpu-[a-z0-9_-]+", gpu):
+        return gpu
+    return arch_of(gpu)
 
 
 @app.command()

@@ -322,6 +322,8 @@ def _format_errors(err: ValidationError) -> list[str]:
         msg = e["msg"].removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
             msg = "unknown field (check the spelling; `enginewright schema` lists the fields)"
+        elif e["type"] not in ("missing", "value_error") and isinstance(e.get("input"), (str, int, float, bool)):
+            msg = f"got {str(e['input'])[:80]!r}: {msg}"  # name the offending value, not only the allowed ones
         lines.append(f"{loc}: {msg}")
     return lines
 

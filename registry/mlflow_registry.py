@@ -132,10 +132,15 @@ def registered_name(registry_name: str, backend: str) -> str:
     return f"{registry_name}-{backend}"
 
 
+def arch_slug(arch: str) -> str:
+    """The arch as aliases spell it: sm_90 -> sm90, cpu-x86_64 -> cpu-x86-64. Versions carry it as the tag
+    `arch_slug` next to `gpu_arch` (the arch as manifests spell it), so a version names its own alias."""
+    return arch.replace("sm_", "sm").replace("_", "-")
+
+
 def alias_for(prefix: str, arch: str, tp: int = 1) -> str:
-    """Per-architecture alias, e.g. champion-sm90, champion-cpu-x86_64; tensor-parallel builds add -tp<N>."""
-    slug = arch.replace("sm_", "sm").replace("_", "-")
-    return f"{prefix}-{slug}" + (f"-tp{tp}" if tp > 1 else "")
+    """Per-architecture alias, e.g. champion-sm90, champion-cpu-x86-64; tensor-parallel builds add -tp<N>."""
+    return f"{prefix}-{arch_slug(arch)}" + (f"-tp{tp}" if tp > 1 else "")
 
 
 def register_version(*, name: str, profile_dir: str, fingerprint: str, run_id: str, tags: dict) -> tuple[str, bool]:
@@ -189,14 +194,27 @@ def promote(*, name: str, version: str, alias: str, challenger_alias: str, rank=
             "reason": f"champion v{champion.version} ({champion.tags.get('quant_format')}) ranks at least as well"}
 
 
+class UnknownModel(LookupError):
+    """No registered model of that name."""
+
+
 def resolve(*, name: str, arch: str, prefix: str = "champion", tp: int = 1) -> dict:
-    """What an `arch` node should serve: the champion version of `name` for that arch, with its files and tags."""
+    """What an `arch` node should serve: the champion version of `name` for that arch, with its files and tags.
+
+    Raises UnknownModel when `name` is not registered, LookupError when nothing is certified for `arch`."""
     c = client()
-    alias = alias_for(prefix, arch, tp)
     try:
-        version = c.get_model_version_by_alias(name, alias)
+        model = c.get_registered_model(name)
     except MlflowException:
-        raise LookupError(f"registered model '{name}' has no '{alias}' alias: nothing is certified for {arch}") from None
+        known = sorted(m.name for m in c.search_registered_models(max_results=100))
+        raise UnknownModel(f"no registered model '{name}' at {tracking_uri()} "
+                           f"(registered: {', '.join(known) or 'none'})") from None
+    alias = alias_for(prefix, arch, tp)
+    if alias not in model.aliases:
+        have = ", ".join(sorted(model.aliases)) or "none"
+        raise LookupError(f"registered model '{name}' has no '{alias}' alias: nothing is certified for {arch}"
+                          f"{f' with tp={tp}' if tp > 1 else ''} (its aliases: {have})")
+    version = c.get_model_version(name, model.aliases[alias])
     return {"name": name, "version": str(version.version), "alias": alias,
             "source": version.tags.get("profile_uri", version.source),
             "tags": dict(version.tags), "run_id": version.run_id}

@@ -105,6 +105,9 @@ class Report:
 
     @property
     def status(self) -> str:
+        """unchecked: no threshold is set, so nothing was judged (the numbers are still reported)."""
+        if not self.checks:
+            return "unchecked"
         return "pass" if not self.failed else self.action
 
     def metrics(self) -> dict[str, float]:
@@ -127,7 +130,8 @@ class Report:
     def summary(self) -> str:
         if not self.failed:
             return "calibration set is representative: " + "; ".join(c.message for c in self.checks) if self.checks \
-                else "calibration representativeness: no thresholds set"
+                else ("calibration representativeness: unchecked (no thresholds set: calibration.representativeness."
+                      "max_ks, max_stratum_share_gap or max_activation_ratio)")
         return ("calibration set is not representative of its source: "
                 + "; ".join(c.message for c in self.failed))
 

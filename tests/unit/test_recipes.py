@@ -35,7 +35,7 @@ def test_unknown_format_lists_allowed_values(tmp_path):
     path = _write(tmp_path, lambda d: d["quantization"].update(formats=["fp8", "int3"]))
     with pytest.raises(RecipeError) as err:
         load_recipe(path)
-    assert "quantization.formats.1" in str(err.value)
+    assert "quantization.formats.1: got 'int3'" in str(err.value)
     assert "'nvfp4'" in str(err.value) and "'int4_awq'" in str(err.value)
 
 

@@ -210,6 +210,10 @@ def test_report_for_a_pydoc_source_and_the_plot(tiny_model_dir, tmp_path):
     assert not rep.wants_activations(spec)
     report = rep.assess(spec, art, model_dir=str(tiny_model_dir), model_fp="x")
     assert report.layers == () and report.status == "pass" and report.first_n_ks is None
+    unjudged = rep.assess(CalibrationSpec(source="pydoc_topics", samples=32, max_tokens=64), art,
+                          model_dir=str(tiny_model_dir), model_fp="x")
+    assert unjudged.status == "unchecked" and "UNCHECKED" in unjudged.markdown()  # no threshold: no PASS
+    assert "no thresholds set" in unjudged.summary() and rep.enforce(unjudged) == []
     assert report.n_sample == 32 and report.n_reference == len(pd.read_parquet(art.path + "/reference.parquet"))
     json.dumps(report.as_dict())  # serialisable for MLflow
     inputs = rep.load_inputs(art.path)

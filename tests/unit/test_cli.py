@@ -1,0 +1,58 @@
+"""The command line as scripts use it: help text, exit codes, data on stdout and messages on stderr."""
+
+import json
+
+from typer.testing import CliRunner
+
+from flows.cli import app
+from registry import mlflow_registry as reg
+
+runner = CliRunner(env={"COLUMNS": "200"})
+
+
+def test_help_examples_survive_the_help_formatter():
+    shown = runner.invoke(app, ["validate", "--help"])
+    assert shown.exit_code == 0 and "--set quantization.formats=[fp8]" in shown.stdout
+
+
+def _champion(tmp_path, name="cli-model", arch="sm_90"):
+    profile = tmp_path / "profile"
+    profile.mkdir(exist_ok=True)
+    run = reg.client().create_run(reg.experiment_id("cli")).info.run_id
+    v, _ = reg.register_version(name=name, profile_dir=str(profile), fingerprint=f"fp-{arch}", run_id=run,
+                                tags={"quant_format": "fp8", "gpu_arch": arch, "arch_slug": reg.arch_slug(arch)})
+    reg.promote(name=name, version=v, alias=reg.alias_for("champion", arch), challenger_alias="challenger-x")
+    return v
+
+
+def test_resolve_unknown_gpu_is_a_clear_bad_input_not_a_traceback(tmp_path):
+    _champion(tmp_path)
+    out = runner.invoke(app, ["resolve", "cli-model", "--gpu", "H900"])
+    assert out.exit_code == 2 and "Traceback" not in out.output
+    assert out.stdout == "" and "unknown GPU 'H900'" in out.stderr and "H100" in out.stderr
+
+
+def test_resolve_unknown_model_is_not_reported_as_a_missing_alias(tmp_path):
+    _champion(tmp_path)
+    out = runner.invoke(app, ["resolve", "no-such-model", "--gpu", "H100"])
+    assert out.exit_code == 2 and out.stdout == ""
+    assert "no registered model 'no-such-model'" in out.stderr and "cli-model" in out.stderr
+    assert "alias" not in out.stderr
+
+
+def test_resolve_not_certified_keeps_stdout_clean_for_jq(tmp_path):
+    _champion(tmp_path)
+    out = runner.invoke(app, ["resolve", "cli-model", "--gpu", "A100"])
+    assert out.exit_code == 4 and out.stdout == ""
+    assert "champion-sm80" in out.stderr and "champion-sm90" in out.stderr  # what it has instead
+
+
+def test_resolve_accepts_the_arch_in_the_tag_and_the_alias_spelling(tmp_path):
+    v = _champion(tmp_path, arch="cpu-x86_64")
+    for gpu in ("cpu-x86_64", "cpu-x86-64"):
+        out = runner.invoke(app, ["resolve", "cli-model", "--gpu", gpu])
+        answer = json.loads(out.stdout)
+        assert out.exit_code == 0 and answer["version"] == v and answer["alias"] == "champion-cpu-x86-64"
+        assert answer["alias"] == f"champion-{answer['tags']['arch_slug']}"
+    _champion(tmp_path, name="gpu-model", arch="sm_90")
+    assert json.loads(runner.invoke(app, ["resolve", "gpu-model", "--gpu", "sm90"]).stdout)["tags"]["gpu_arch"] == "sm_90"
