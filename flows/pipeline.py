@@ -21,6 +21,7 @@ from recipes.schema import load_recipe
 from registry import mlflow_registry as registry
 from tasks import ladder, promote, store
 from tasks.build import BASELINE
+from tasks.evaluate import check_item_counts
 from tasks.quantize import QuantizationError
 from tasks.targets import make_plan
 
@@ -229,6 +230,7 @@ def _certify(recipe, base_dir, device, plan, record: RunRecord) -> None:
                    model_dir=model.path, base_dir=base_dir)
     registry.log_calibration_dataset(record.run_id, calibration_file=calib.calibration_file, digest=calib.digest,
                                      stats=calib.stats, origin=_calibration_origin(recipe.calibration, base_dir))
+    check_item_counts(recipe.evaluation, calib.holdout_file)  # too few held-out items: stop before quantizing
     _check_calibration(recipe, model, calib, record)  # may stop the run here, before any quantization
     lineage = {"model_fingerprint": model.fingerprint, "calibration_digest": calib.digest,
                "recipe_sha": recipe.digest(), "source_run_id": record.run_id, "model_source": model.source}

@@ -15,6 +15,8 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from recipes import files
+
 QuantFormat = Literal["fp8", "int8_sq", "int4_awq", "w4a8_awq", "nvfp4"]
 QUANT_FORMATS: tuple[str, ...] = QuantFormat.__args__  # type: ignore[attr-defined]
 LOCAL_EVAL_TASKS = ("holdout_perplexity", "holdout_cloze")
@@ -193,6 +195,9 @@ class TargetSpec(Strict):
             except InvalidVersion:
                 raise ValueError(f"trtllm_version '{self.trtllm_version}' of target '{self.name}' is not a "
                                  f"TensorRT-LLM release number (e.g. 1.3.0rc21, 1.2.1)") from None
+        if self.tp > 1 and self.backend == "reference":
+            raise ValueError(f"target '{self.name}': tp={self.tp}, but the reference backend runs the model in one "
+                             f"process on one device (set tp: 1, or backend: trtllm on a {self.tp}-GPU worker)")
         return self
 
     @field_validator("name")
@@ -361,14 +366,20 @@ def check_files(recipe: Recipe, base_dir: Path) -> list[str]:
         else:
             if recipe.model.source == "gguf" and not path.is_file():
                 problems.append(f"model.path: GGUF file not found: {path}")
+            elif recipe.model.source == "gguf" and (problem := files.gguf_problem(path)):
+                problems.append(f"model.path: {problem}")
             if recipe.model.source == "hf_dir" and not (path / "config.json").is_file():
                 problems.append(f"model.path: not a Hugging Face checkpoint directory (no config.json): {path}")
+            elif recipe.model.source == "hf_dir":
+                problems += [f"model.path: {problem}" for problem in files.checkpoint_problems(path)]
     for i, p in enumerate(recipe.calibration.paths):
         path = resolve_path(p, base_dir)
         if not path.is_file():
             problems.append(f"calibration.paths.{i}: file not found: {path}")
         elif path.suffix not in (".jsonl", ".json", ".parquet", ".txt"):
             problems.append(f"calibration.paths.{i}: expected a .jsonl, .json, .parquet or .txt file, got {path.name}")
+        elif problem := files.data_file_problem(path):
+            problems.append(f"calibration.paths.{i}: {problem}")
     return problems
 
 

@@ -57,7 +57,10 @@ def _file_texts(spec: CalibrationSpec, base_dir: Path) -> list[str]:
             texts.extend(re.split(r"\n\s*\n", path.read_text()))
             continue
         builder = "parquet" if path.suffix == ".parquet" else "json"
-        ds = datasets.load_dataset(builder, data_files=str(path), split="train")
+        try:
+            ds = datasets.load_dataset(builder, data_files=str(path), split="train")
+        except Exception as exc:  # e.g. a bare StopIteration for an empty file
+            raise ValueError(f"calibration.paths: cannot read {path} as {builder}: {type(exc).__name__}: {exc}") from exc
         if spec.text_field not in ds.column_names:
             raise ValueError(f"calibration.text_field: column '{spec.text_field}' not in {path.name} (columns: {ds.column_names})")
         texts.extend(ds[spec.text_field])

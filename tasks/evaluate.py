@@ -88,6 +88,23 @@ def task_inputs(tasks: list[str], holdout_file: str, limit: int | None) -> dict[
     return inputs
 
 
+def check_item_counts(spec: EvaluationSpec, holdout_file: str) -> None:
+    """Every local task must get `evaluation.limit` items from the held-out split: a gate decided on fewer items
+    than asked for is not the gate the recipe describes. Raises RecipeError (checked right after calibration)."""
+    from recipes.schema import RecipeError
+
+    if not spec.limit:
+        return
+    holdout = pd.read_parquet(holdout_file)["text"].tolist()
+    short = {task: len(task_data(task, holdout, spec.limit)) for task in spec.tasks if task in LOCAL_EVAL_TASKS}
+    short = {task: n for task, n in short.items() if n < spec.limit}
+    if short:
+        counts = ", ".join(f"{task} {n}" for task, n in short.items())
+        raise RecipeError(f"evaluation.limit={spec.limit}, but the held-out split ({len(holdout)} texts) gives only "
+                          f"{counts} item(s): lower evaluation.limit to {min(short.values())}, or raise "
+                          f"calibration.holdout_fraction or use a larger calibration source")
+
+
 def task_configs(inputs: dict[str, list[dict] | None], data_dir: Path) -> list:
     """lm-eval task configs: local YAMLs pointed at the written items; other task names pass through."""
     configs: list = []

@@ -61,7 +61,11 @@ def import_model(spec: ModelSpec, base_dir: Path) -> ModelArtifact:
         if manifest is not None:
             return ModelArtifact(spec.slug, str(out), manifest["content_hash"], manifest["source"], cached=True)
         log.info("importing %s (%s)", spec.slug, spec.source)
-        model, tokenizer = _load_source(spec, base_dir)
+        try:
+            model, tokenizer = _load_source(spec, base_dir)
+        except Exception as exc:  # the libraries' errors rarely name the file they could not read
+            where = resolve_path(spec.path, base_dir) if spec.path else f"{spec.id}@{spec.revision or 'main'}"
+            raise ValueError(f"model: cannot load {spec.source} {where}: {type(exc).__name__}: {exc}") from exc
         # transformers 5 leaves `architectures` unset for GGUF loads; ModelOpt's export iterates over it.
         model.config.architectures = [type(model).__name__]
         with store.atomic_dir(out) as tmp:

@@ -130,3 +130,17 @@ def test_a_run_that_certifies_nothing_fails_with_its_own_state_and_exit_code(pre
     out = CliRunner().invoke(app, ["run", recipe, "--set", impossible[0]])
     assert out.exit_code == EXIT_NOT_CERTIFIED == 4, out.output
     assert "nothing promoted" in out.output
+
+
+def test_too_few_held_out_items_stop_the_run_as_bad_input_before_quantizing(prefect_harness, shared_home,
+                                                                             tiny_model_dir, tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from flows.cli import EXIT_BAD_INPUT, app
+
+    monkeypatch.setenv("ENGINEWRIGHT_HOME", str(shared_home))
+    recipe = _recipe(tmp_path, tiny_model_dir, _write_source("txt", tmp_path))
+    out = CliRunner().invoke(app, ["run", recipe, "--set", "evaluation.limit=100"])
+    assert out.exit_code == EXIT_BAD_INPUT == 2, out.output
+    assert "evaluation.limit=100, but the held-out split" in out.stderr
+    assert "quantize" not in out.output  # stopped before any quantization

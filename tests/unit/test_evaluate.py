@@ -1,3 +1,4 @@
+import pytest
 import pandas as pd
 
 from recipes.schema import EvaluationSpec, TargetSpec
@@ -33,3 +34,20 @@ def test_lm_eval_runs_local_tasks_on_a_built_profile(tiny_model_dir, tmp_path):
     again = evaluate.evaluate(profile_dir=art.path, profile_fp=art.fingerprint, backend_name="reference", spec=spec,
                               holdout_file=str(holdout))
     assert again.cached and again.metrics == res.metrics
+
+
+def test_a_held_out_split_smaller_than_the_limit_is_refused(tmp_path):
+    import pandas as pd
+
+    from recipes.schema import EvaluationSpec, RecipeError
+    from tasks.evaluate import check_item_counts
+
+    holdout = tmp_path / "holdout.parquet"
+    pd.DataFrame({"text": ["The quick brown fox jumps over the lazy sleeping hound dog today.",
+                           "A second paragraph with enough words to make one cloze item from it again."]}
+                 ).to_parquet(holdout)
+    spec = EvaluationSpec(tasks=["holdout_perplexity", "holdout_cloze"], limit=100)
+    with pytest.raises(RecipeError, match=r"evaluation.limit=100, but the held-out split \(2 texts\) gives only "
+                                          r"holdout_perplexity 2, holdout_cloze 2 item\(s\): lower evaluation.limit"):
+        check_item_counts(spec, str(holdout))
+    check_item_counts(EvaluationSpec(tasks=["holdout_perplexity"], limit=2), str(holdout))

@@ -18,7 +18,9 @@ def test_every_shipped_recipe_validates(path):
 
 def _write(tmp_path, mutate) -> Path:
     data = yaml.safe_load(DEMO.read_text())
-    data["model"]["path"] = str(DEMO)  # any existing file will do for schema tests that don't load it
+    stub = tmp_path / "stub.gguf"  # a GGUF header will do for schema tests that don't load the model
+    stub.write_bytes(b"GGUF" + bytes(60))
+    data["model"]["path"] = str(stub)
     mutate(data)
     out = tmp_path / "r.yaml"
     out.write_text(yaml.safe_dump(data))
@@ -94,3 +96,31 @@ def test_schema_file_matches_the_model():
     shipped = json.loads((ROOT / "recipes" / "recipe.schema.json").read_text())
     assert shipped == json.loads(json.dumps(Recipe.model_json_schema())), \
         "recipes/recipe.schema.json is stale: regenerate with `enginewright schema > recipes/recipe.schema.json`"
+
+
+def test_broken_model_and_data_files_are_named_before_any_work(tmp_path, tiny_model_dir):
+    import shutil
+
+    garbage = tmp_path / "garbage.gguf"
+    garbage.write_bytes(b"<html>not a model</html>")
+    (tmp_path / "empty.jsonl").write_text("\n")
+    with pytest.raises(RecipeError) as err:
+        load_recipe(_write(tmp_path, lambda d: d.update(
+            model={"source": "gguf", "path": str(garbage)},
+            calibration={"source": "files", "paths": [str(tmp_path / "empty.jsonl")]})))
+    assert f"model.path: not a GGUF file (it starts with b'<htm'" in str(err.value) and str(garbage) in str(err.value)
+    assert f"calibration.paths.0: empty file: {tmp_path / 'empty.jsonl'}" in str(err.value)
+
+    broken = tmp_path / "truncated-ckpt"
+    shutil.copytree(tiny_model_dir, broken)
+    weights = broken / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-1000])
+    with pytest.raises(RecipeError, match=r"model.path: truncated safetensors file \(its tensors need \d+ bytes, "
+                                          r"the file has \d+\): .*model.safetensors"):
+        load_recipe(_write(tmp_path, lambda d: d.update(model={"source": "hf_dir", "path": str(broken)})))
+    load_recipe(_write(tmp_path, lambda d: d.update(model={"source": "hf_dir", "path": str(tiny_model_dir)})))
+
+
+def test_reference_backend_refuses_tensor_parallel(tmp_path):
+    with pytest.raises(RecipeError, match=r"tp=4, but the reference backend runs the model in one process"):
+        load_recipe(_write(tmp_path, lambda d: d["targets"][0].update(tp=4)))
