@@ -198,22 +198,33 @@ def print_summary(result: dict) -> None:
                       f"# then open http://127.0.0.1:4200")
 
 
-@app.command(epilog="Example: enginewright resolve smollm2-135m-reference --gpu H100")
+@app.command(epilog="Examples:\n\n  enginewright resolve smollm2-135m-reference --gpu H100\n\n"
+                    "  enginewright resolve smollm2-135m-reference --download /srv/models/smollm2 --verify\n\n"
+                    + EXIT_CODES_HELP)
 def resolve(model: str = typer.Argument(..., help="registered model name, e.g. smollm2-135m-reference"),
             gpu: str = typer.Option("auto", help="GPU name (H100, A100, ...), an arch (sm_90, sm90, cpu-x86_64), "
                                     "or auto (this machine)"),
             tp: int = typer.Option(1, help="tensor-parallel size"),
             prefix: str = typer.Option("champion", help="alias prefix"),
-            verify: bool = typer.Option(False, "--verify", help="also check that the profile's files are here and "
-                                        "were built for this machine's arch and toolchain")) -> None:
-    """Which registry version a node with this GPU should serve, and where its files are (JSON on stdout; messages
-    on stderr). Exit 2: unknown model or GPU; 4: nothing certified for that GPU."""
+            download: Optional[Path] = typer.Option(None, "--download", help="fetch the version's files from MLflow's "
+                                                    "artifact store into this directory (kept if already there) and "
+                                                    "check every file's SHA-256"),
+            verify: bool = typer.Option(False, "--verify", help="check the profile's files against their digests "
+                                        "(this host's copy: --download DIR, the store's build, or a download into "
+                                        "ENGINEWRIGHT_HOME/downloads) and that it was built for this machine's arch "
+                                        "and toolchain"),
+            fast: bool = typer.Option(False, "--fast", help="with --verify/--download: check presence and sizes only")
+            ) -> None:
+    """Which registry version a node with this GPU should serve, its models:/ URI, and (with --download/--verify)
+    a verified copy of its files on this host (JSON on stdout; messages on stderr). Exit 2: unknown model or GPU;
+    3: refused (a file differs from its digest, or another arch/toolchain); 4: nothing certified for that GPU."""
     from flows import env
 
     env.configure(offline=True)
-    from registry.mlflow_registry import resolve as resolve_version
+    from registry import mlflow_registry as registry
     from tasks import store
     from registry.mlflow_registry import UnknownModel
+    from tasks.build import ArtifactMismatch, verify_artifact
 
     try:
         arch = _arch_of(gpu)
@@ -221,22 +232,30 @@ def resolve(model: str = typer.Argument(..., help="registered model name, e.g. s
         typer.echo(f"--gpu: {exc}", err=True)
         raise typer.Exit(EXIT_BAD_INPUT) from None
     try:
-        answer = resolve_version(name=model, arch=arch, prefix=prefix, tp=tp)
+        answer = registry.resolve(name=model, arch=arch, prefix=prefix, tp=tp)
     except UnknownModel as exc:
         typer.echo(str(exc), err=True)
         raise typer.Exit(EXIT_BAD_INPUT) from None
     except LookupError as exc:
         typer.echo(str(exc), err=True)
         raise typer.Exit(EXIT_NOT_CERTIFIED) from None
-    if verify:
-        from tasks.build import ArtifactMismatch, verify_artifact
-
+    if download or verify:
+        checks = {"full": not fast, "sizes_only": fast}
         try:
-            verify_artifact(answer["source"].removeprefix("file://"))
-        except ArtifactMismatch as exc:
+            if download is None and answer["local_profile"]:
+                profile = Path(answer["local_profile"])
+                store.check(profile, **checks)
+            else:
+                dest = download or store.home() / "downloads" / model / f"v{answer['version']}"
+                profile = registry.download(model, answer["version"], dest, **checks)
+            answer["profile_dir"] = str(profile)
+            answer["files_checked"] = "sizes" if fast else "sha256"
+            if verify:
+                verify_artifact(profile, full=False, sizes_only=True)  # digests done above; now arch and toolchain
+                answer["verified_on"] = store.local_device()["arch"]
+        except (ArtifactMismatch, store.ArtifactDamaged) as exc:
             typer.echo(f"refused: {exc}", err=True)
-            raise typer.Exit(3) from None
-        answer["verified_on"] = store.local_device()["arch"]
+            raise typer.Exit(EXIT_REFUSED) from None
     print(json.dumps(answer, indent=2))
 
 

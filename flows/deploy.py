@@ -23,6 +23,7 @@ import yaml
 PROJECT_DIR = Path(__file__).resolve().parents[1]
 FLOW_NAME = "certify"
 ENTRYPOINT = "flows/pipeline.py:certify"
+QUANTIZE_FLOW, QUANTIZE_ENTRYPOINT = "quantize", "flows/quantize_flow.py:quantize_checkpoints"
 SCHEDULE_KEYS = {"cron", "interval", "rrule", "timezone", "anchor_date", "active", "parameters", "slug"}
 
 
@@ -53,10 +54,12 @@ class Deployment:
     description: str
     job_variables: dict[str, Any] = field(default_factory=dict)
     concurrency_limit: int | None = None
+    flow: str = FLOW_NAME
+    entrypoint: str = ENTRYPOINT
 
     @property
     def full_name(self) -> str:
-        return f"{FLOW_NAME}/{self.name}"
+        return f"{self.flow}/{self.name}"
 
 
 @dataclass(frozen=True)
@@ -68,7 +71,8 @@ class Plan:
     def by_model(self) -> dict[str, list[Deployment]]:
         routes: dict[str, list[Deployment]] = {}
         for d in self.deployments:
-            routes.setdefault(d.model, []).append(d)
+            if d.flow == FLOW_NAME:  # quantize deployments are started by certify runs, not by webhooks
+                routes.setdefault(d.model, []).append(d)
         return routes
 
 
@@ -152,14 +156,33 @@ def load_plan(prefect_file: Path | str | None = None, *, only: list[str] | None 
             groups.setdefault(pool_name, []).append(target.name)
         job_variables = dict((entry.get("work_pool") or {}).get("job_variables") or {})
         job_variables["env"] = flow_run_env(offline=not recipe_needs_hub(recipe)) | (job_variables.get("env") or {})
+        quantize_pool = recipe.quantization.work_pool
+        if quantize_pool:
+            if quantize_pool not in pools:
+                problems.append(f"{where}: quantization.work_pool '{quantize_pool}' is not defined in "
+                                f"enginewright.work_pools (defined: {', '.join(sorted(pools))})")
+            quantize = Deployment(
+                name=f"{name}-quantize", entry=name, recipe_path=params["recipe_path"], recipe_name=recipe.name,
+                model=recipe.model.slug, pool=quantize_pool, targets=[],
+                parameters={k: v for k, v in params.items() if k in ("recipe_path", "overrides")}, schedules=[],
+                description=f"quantize {params['recipe_path']} on {quantize_pool} for its certify deployments",
+                tags=sorted({"enginewright", f"recipe:{recipe.name}", f"model:{recipe.model.slug}",
+                             f"pool:{quantize_pool}"}),
+                job_variables=job_variables | {"env": job_variables["env"] | {"ENGINEWRIGHT_WORK_POOL": quantize_pool}},
+                flow=QUANTIZE_FLOW, entrypoint=QUANTIZE_ENTRYPOINT)
+            deployments.append(quantize)
         for pool_name, targets in groups.items():
+            env = job_variables["env"] | {"ENGINEWRIGHT_WORK_POOL": pool_name}
+            if quantize_pool:
+                env |= {"ENGINEWRIGHT_QUANTIZE_DEPLOYMENT": f"{QUANTIZE_FLOW}/{name}-quantize",
+                        "ENGINEWRIGHT_QUANTIZE_POOL": quantize_pool}
             deployments.append(Deployment(
                 name=f"{name}-{pool_name}", entry=name, recipe_path=params["recipe_path"], recipe_name=recipe.name,
                 model=recipe.model.slug, pool=pool_name, targets=targets, parameters=params | {"targets": targets},
                 schedules=schedules, description=entry.get("description") or f"certify {params['recipe_path']}",
                 tags=sorted({*(entry.get("tags") or []), "enginewright", f"recipe:{recipe.name}",
                              f"model:{recipe.model.slug}", f"pool:{pool_name}"}),
-                job_variables=job_variables, concurrency_limit=entry.get("concurrency_limit")))
+                job_variables=job_variables | {"env": env}, concurrency_limit=entry.get("concurrency_limit")))
     if problems:
         raise DeployError(f"{len(problems)} problem(s):\n  " + "\n  ".join(problems))
     return Plan(pools=pools, pull=config.get("pull") or [{"flows.deploy.enter_project": {}}], deployments=deployments)
@@ -273,12 +296,12 @@ def apply(plan: Plan) -> list[tuple[Deployment, str]]:
     with contextlib.chdir(project_dir()):  # the entrypoint is a path relative to the project directory
         for d in plan.deployments:
             deployment = RunnerDeployment.from_entrypoint(
-                ENTRYPOINT, name=d.name, schedules=_schedule_objects(d.schedules), parameters=d.parameters,
+                d.entrypoint, name=d.name, schedules=_schedule_objects(d.schedules), parameters=d.parameters,
                 description=d.description, tags=d.tags, work_pool_name=d.pool, job_variables=d.job_variables,
                 concurrency_limit=d.concurrency_limit, enforce_parameter_schema=True)
             unknown = sorted(set(d.parameters) - set(deployment._parameter_openapi_schema.properties))
             if unknown:
-                raise DeployError(f"deployment '{d.name}': {ENTRYPOINT} has no parameters {unknown}")
+                raise DeployError(f"deployment '{d.name}': {d.entrypoint} has no parameters {unknown}")
             deployment.storage = _PullSteps(plan.pull)
             done.append((d, str(deployment.apply())))
     return done

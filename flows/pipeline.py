@@ -17,7 +17,9 @@ from prefect.states import Failed
 
 from flows.stages import (build_task, calibrate_task, evaluate_task, gate_task, import_task, latency_task,
                           quantize_task)
+from flows.quantize_flow import quantize_elsewhere
 from recipes.schema import load_recipe
+from registry import artifact_share
 from registry import mlflow_registry as registry
 from tasks import ladder, promote, store
 from tasks.build import BASELINE
@@ -119,6 +121,9 @@ def certify(recipe_path: str, overrides: list[str] | None = None, model_location
     plan = make_plan(recipe, device)
     if dry_run:
         return {"dry_run": True, "pairs": [p.__dict__ for p in plan.pairs]}
+    store.sweep_temporaries()  # what writers killed on this host left behind
+    artifact_share.enable()  # with a tracking server, stage outputs travel through its artifact store
+    quantize_elsewhere(recipe_path, overrides, model_location, model_version)
     record = RunRecord()
     record.run_id = registry.start_pipeline_run(
         experiment=recipe.name, run_name=f"certify-{time.strftime('%Y%m%d-%H%M%S')}", recipe_file=recipe_file,
@@ -224,17 +229,16 @@ def _publish_representativeness(report) -> None:
                               description="Linear input abs-max: calibration sample vs held-out sample")
 
 
-def _certify(recipe, base_dir, device, plan, record: RunRecord) -> None:
+def prepare(recipe, base_dir, record: RunRecord):
+    """Import the model and build the calibration set (each cached, or fetched from the shared artifact store)."""
     model = _timed(record, "import", recipe.model.slug, import_task, recipe.model, base_dir)
     calib = _timed(record, "calibrate", recipe.calibration.source, calibrate_task, recipe.calibration,
                    model_dir=model.path, base_dir=base_dir)
-    registry.log_calibration_dataset(record.run_id, calibration_file=calib.calibration_file, digest=calib.digest,
-                                     stats=calib.stats, origin=_calibration_origin(recipe.calibration, base_dir))
-    check_item_counts(recipe.evaluation, calib.holdout_file)  # too few held-out items: stop before quantizing
-    _check_calibration(recipe, model, calib, record)  # may stop the run here, before any quantization
-    lineage = {"model_fingerprint": model.fingerprint, "calibration_digest": calib.digest,
-               "recipe_sha": recipe.digest(), "source_run_id": record.run_id, "model_source": model.source}
+    return model, calib
 
+
+def quantize_formats(recipe, plan, model, calib, record: RunRecord) -> tuple[dict, dict]:
+    """Every format some target can use, once; a format that cannot be applied is recorded with its reason."""
     quantized, quant_errors = {}, {}
     for fmt in plan.formats_to_quantize:
         try:
@@ -246,6 +250,19 @@ def _certify(recipe, base_dir, device, plan, record: RunRecord) -> None:
                                     batch_size=recipe.calibration.batch_size)
         except QuantizationError as exc:
             quant_errors[fmt] = str(exc)
+    return quantized, quant_errors
+
+
+def _certify(recipe, base_dir, device, plan, record: RunRecord) -> None:
+    model, calib = prepare(recipe, base_dir, record)
+    registry.log_calibration_dataset(record.run_id, calibration_file=calib.calibration_file, digest=calib.digest,
+                                     stats=calib.stats, origin=_calibration_origin(recipe.calibration, base_dir))
+    check_item_counts(recipe.evaluation, calib.holdout_file)  # too few held-out items: stop before quantizing
+    _check_calibration(recipe, model, calib, record)  # may stop the run here, before any quantization
+    lineage = {"model_fingerprint": model.fingerprint, "calibration_digest": calib.digest,
+               "recipe_sha": recipe.digest(), "source_run_id": record.run_id, "model_source": model.source}
+
+    quantized, quant_errors = quantize_formats(recipe, plan, model, calib, record)
 
     futures = {}
     for target in recipe.targets:  # every placed target at once; each reports its own outcome

@@ -152,6 +152,10 @@ class QuantizationSpec(Strict):
     formats: ListOf(QuantFormat) = Field(min_length=1, description="formats to try, most aggressive first (the fallback ladder's order)")
     kv_cache: Literal["none", "fp8_cast", "fp8", "nvfp4_cast", "nvfp4"] = Field("none", description="KV-cache quantization (ModelOpt's KV presets). fp8_cast: FP8 with a constant scale, no KV calibration (ModelOpt's default since 0.43, advised over calibrated fp8); fp8: calibrated FP8; nvfp4_cast / nvfp4: NVFP4 KV (TensorRT-LLM serves it on sm_100/103 only; quantizing it needs CUDA)")
     awq_block_size: Literal[64, 128] | None = Field(None, description="INT4/W4A8 AWQ group size, 64 or 128 (what TensorRT-LLM's kernels take); default: 128 if every quantized layer's input size per tensor-parallel rank divides by it, else 64")
+    work_pool: str | None = Field(None, description=(
+        "Prefect work pool whose workers quantize (e.g. a GPU pool); the recipe's certify deployments start its "
+        "quantize deployment and fetch the checkpoints from MLflow's artifact store. Unset: quantize where the "
+        "targets run. Ignored by `enginewright run` (everything runs in that process)."))
 
 
     @field_validator("formats")

@@ -25,9 +25,18 @@ def tracking_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{store.home() / 'mlflow.db'}"
 
 
+_ready: set[str] = set()
+
+
 def client() -> MlflowClient:
-    mlflow.set_tracking_uri(tracking_uri())
-    return MlflowClient(tracking_uri())
+    uri = tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    if uri.startswith("sqlite:") and uri not in _ready:
+        # Creating or migrating the SQLite schema is not safe when two runs start at once: one does it, others wait.
+        with store.lock(store.home() / "locks" / "mlflow-db"):
+            MlflowClient(uri).search_experiments(max_results=1)
+        _ready.add(uri)
+    return MlflowClient(uri)
 
 
 def ui_command() -> str:
@@ -143,27 +152,68 @@ def alias_for(prefix: str, arch: str, tp: int = 1) -> str:
     return f"{prefix}-{arch_slug(arch)}" + (f"-tp{tp}" if tp > 1 else "")
 
 
-def register_version(*, name: str, profile_dir: str, fingerprint: str, run_id: str, tags: dict) -> tuple[str, bool]:
-    """Register a passing profile; idempotent by artifact fingerprint. Returns (version, newly_created)."""
+def register_version(*, name: str, profile_dir: str, fingerprint: str, run_id: str, tags: dict,
+                     description: str | None = None) -> tuple[str, bool]:
+    """Register a passing profile as an MLflow model version whose artifacts are the profile's files (uploaded to
+    the run's artifact store, so any host can fetch ``models:/NAME/VERSION``). Idempotent by artifact fingerprint,
+    also across processes and hosts: a version already holding this fingerprint is returned, and when two
+    registrations race, the lowest version wins and the others are deleted. Returns (version, newly_created)."""
     c = client()
+    with store.lock(store.home() / "locks" / f"register-{store.key_of(name, fingerprint)[:24]}"):  # this host
+        _ensure_registered_model(c, name)
+        existing = _versions_with(c, name, fingerprint)
+        if existing:
+            return existing[0], False
+        all_tags = {k: str(v) for k, v in tags.items() if v is not None} | {"artifact_fingerprint": fingerprint}
+        model_uri = _log_profile_model(run_id, profile_dir)
+        created = mlflow.register_model(model_uri, name, tags=all_tags)
+        if description:
+            c.update_model_version(name, created.version, description=description)
+    same = _versions_with(c, name, fingerprint)  # other hosts may have raced us
+    winner = same[0] if same else str(created.version)
+    for extra in same[1:]:
+        if extra == str(created.version):
+            c.delete_model_version(name, extra)
+    return winner, winner == str(created.version)
+
+
+def _ensure_registered_model(c: MlflowClient, name: str) -> None:
     try:
         c.create_registered_model(name)
     except MlflowException as exc:
         if "already exists" not in str(exc).lower() and "RESOURCE_ALREADY_EXISTS" not in str(exc):
             raise
-    existing = c.search_model_versions(f"name='{name}' and tags.artifact_fingerprint='{fingerprint}'")
-    if existing:
-        return str(existing[0].version), False
-    all_tags = {k: str(v) for k, v in tags.items() if v is not None} | {"artifact_fingerprint": fingerprint}
-    source = Path(profile_dir).resolve().as_uri()
-    if tracking_uri().startswith(("http://", "https://")):
-        # A tracking server accepts only sources inside the run's artifacts: the manifest goes there, and the
-        # profile's place in the shared store is kept as a tag.
-        c.log_artifact(run_id, str(Path(profile_dir) / store.MANIFEST), "profile")
-        all_tags["profile_uri"] = source
-        source = f"runs:/{run_id}/profile"
-    version = c.create_model_version(name, source=source, run_id=run_id, tags=all_tags)
-    return str(version.version), True
+
+
+def _versions_with(c: MlflowClient, name: str, fingerprint: str) -> list[str]:
+    found = c.search_model_versions(f"name='{name}' and tags.artifact_fingerprint='{fingerprint}'")
+    return sorted((str(v.version) for v in found), key=int)
+
+
+def _log_profile_model(run_id: str, profile_dir: str) -> str:
+    """Upload the profile as a pyfunc model of the candidate run; returns its model URI."""
+    from registry import pyfunc_model
+
+    with mlflow.start_run(run_id=run_id):
+        info = mlflow.pyfunc.log_model(name=pyfunc_model.PROFILE, python_model=pyfunc_model.__file__,
+                                       artifacts={pyfunc_model.PROFILE: str(profile_dir)},
+                                       signature=pyfunc_model.SIGNATURE,
+                                       pip_requirements=[f"enginewright=={store.version_of('enginewright') or '0.1.0'}"])
+    return info.model_uri
+
+
+def download(name: str, version: str, dest: Path, *, full: bool = True, sizes_only: bool = False) -> Path:
+    """Fetch a version's files into ``dest`` (kept when it already holds them) and verify them; returns the profile
+    directory. Raises store.ArtifactDamaged naming each file that differs."""
+    from registry.pyfunc_model import PROFILE
+
+    dest = Path(dest)
+    profile = dest / "artifacts" / PROFILE
+    if store.read_manifest(profile) is None:
+        client()
+        mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{version}", dst_path=str(dest))
+    store.check(profile, full=full, sizes_only=sizes_only)
+    return profile
 
 
 def _rank(tags: dict) -> tuple:
@@ -199,7 +249,8 @@ class UnknownModel(LookupError):
 
 
 def resolve(*, name: str, arch: str, prefix: str = "champion", tp: int = 1) -> dict:
-    """What an `arch` node should serve: the champion version of `name` for that arch, with its files and tags.
+    """What an `arch` node should serve: the champion version of `name` for that arch, its ``models:/`` URI, the
+    place of its profile in this host's store (when this host built it), and its tags.
 
     Raises UnknownModel when `name` is not registered, LookupError when nothing is certified for `arch`."""
     c = client()
@@ -215,8 +266,10 @@ def resolve(*, name: str, arch: str, prefix: str = "champion", tp: int = 1) -> d
         raise LookupError(f"registered model '{name}' has no '{alias}' alias: nothing is certified for {arch}"
                           f"{f' with tp={tp}' if tp > 1 else ''} (its aliases: {have})")
     version = c.get_model_version(name, model.aliases[alias])
+    local = version.tags.get("profile_path")
     return {"name": name, "version": str(version.version), "alias": alias,
-            "source": version.tags.get("profile_uri", version.source),
+            "model_uri": f"models:/{name}@{alias}", "version_uri": f"models:/{name}/{version.version}",
+            "source": version.source, "local_profile": local if local and Path(local).is_dir() else None,
             "tags": dict(version.tags), "run_id": version.run_id}
 
 

@@ -1,5 +1,7 @@
-"""Promote: register every passing rung as a registry version with its tags; the ladder's choice contends for the
-target's per-architecture alias. Idempotent: a profile already registered keeps its version."""
+"""Promote: the ladder's choice for a target is registered (its profile's files uploaded to MLflow's artifact store as
+an MLflow model, with its tags and a description) and contends for the target's per-architecture alias. Other passing
+rungs stay in the run record, not in the registry: only what is promoted is uploaded. Idempotent: a profile already
+registered keeps its version."""
 
 from __future__ import annotations
 
@@ -22,6 +24,16 @@ def version_tags(*, recipe, target, arch: str, profile, decision, run_id: str, l
     }
 
 
+def describe(recipe, target, arch: str, profile, decision) -> str:
+    """The version's description: what was certified, on what, by which gates."""
+    gates = "; ".join(f"{v.gate} {v.verdict} (value {v.value}, bound {v.bound}, threshold {v.threshold})"
+                      for v in decision.verdicts)
+    device = profile.manifest["target"].get("gpu_name") or arch
+    return (f"{recipe.model.slug} quantized to {profile.format} ({profile.manifest.get('quant_algo') or 'unquantized'}),"
+            f" built by the {target.backend} backend for target '{target.name}' on {device} ({arch}, tp "
+            f"{target.tp}); certified by recipe '{recipe.name}': {gates}. Profile fingerprint {profile.fingerprint}.")
+
+
 def promote(*, recipe, target, arch: str, passing: list[tuple], choice, lineage: dict) -> list[dict]:
     """passing: (profile, decision, run_id, row) per passing rung; rows get their registry version and alias."""
     if choice.format is None:
@@ -29,13 +41,15 @@ def promote(*, recipe, target, arch: str, passing: list[tuple], choice, lineage:
     name = registry.registered_name(recipe.registry.name, target.backend)
     outcomes = []
     for profile, decision, run_id, row in passing:
+        if profile.format != choice.format:
+            continue
         tags = version_tags(recipe=recipe, target=target, arch=arch, profile=profile, decision=decision,
                             run_id=run_id, latency=row["latency"][recipe.gated_load], lineage=lineage)
         version, _ = registry.register_version(name=name, profile_dir=profile.path, fingerprint=profile.fingerprint,
-                                               run_id=run_id, tags=tags)
+                                               run_id=run_id, tags=tags | {"profile_path": profile.path},
+                                               description=describe(recipe, target, arch, profile, decision))
         row["registry"] = f"{name} v{version}"
-        if profile.format != choice.format:
-            continue
+        row["model_uri"] = f"models:/{name}/{version}"
         outcome = registry.promote(
             name=name, version=version, alias=registry.alias_for(recipe.registry.alias_prefix, arch, target.tp),
             challenger_alias=registry.alias_for("challenger", arch, target.tp),

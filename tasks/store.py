@@ -75,7 +75,8 @@ def read_manifest(path: Path) -> dict | None:
     return json.loads(file.read_text())
 
 
-def _tmp_name(final: Path) -> Path:
+def temporary_sibling(final: Path) -> Path:
+    """A fresh temporary name next to ``final``, naming this host and process (see :func:`sweep_temporaries`)."""
     return final.parent / f".{final.name}.tmp-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
 
 
@@ -89,7 +90,7 @@ def atomic_dir(final: Path) -> Iterator[Path]:
     """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _tmp_name(final)
+    tmp = temporary_sibling(final)
     tmp.mkdir()
     try:
         yield tmp

@@ -15,7 +15,8 @@ SMALL = ["calibration.samples=8", "calibration.max_tokens=64", "quantization.for
          "evaluation.limit=12", "evaluation.tasks=[holdout_perplexity,holdout_cloze]",
          "latency.requests=2", "latency.warmup=1", "latency.output_tokens=4", "latency.input_tokens=16",
          "gates.accuracy.tasks.holdout_perplexity.max_relative_increase=0.5",
-         "gates.accuracy.tasks.holdout_cloze.max_drop=0.9", "gates.accuracy.bootstrap=500"]
+         "gates.accuracy.tasks.holdout_cloze.max_drop=0.9", "gates.accuracy.bootstrap=500",
+         "gates.latency.ttft_p95_ms=600000"]  # a loaded 2-core CI box: reference-runtime latency must not decide here
 
 
 HEAVY = ("import", "calibrate", "quantize", "build", "accuracy", "latency")  # 'represent' is cheap statistics
@@ -34,7 +35,7 @@ def run_cli(home: Path, *args: str, expect: int = 0) -> dict:
                            *[a for s in SMALL + list(args) for a in ("--set", s)]],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
     assert proc.returncode == expect, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return json.loads(out.read_text()) | {"stdout": proc.stdout}
+    return json.loads(out.read_text()) | {"stdout": proc.stdout, "stderr": proc.stderr}
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +59,7 @@ def test_first_run_registers_a_passing_version_with_an_alias(first_run, home):
     answer = reg.resolve(name="smollm2-135m-reference", arch=fp8["arch"])
     assert answer["tags"]["quant_format"] == "fp8" and answer["tags"]["gpu_arch"] == fp8["arch"]
     assert answer["tags"]["source_run_id"] == first_run["run_id"]
-    assert Path(answer["source"].removeprefix("file://"), "manifest.json").is_file()
+    assert Path(answer["local_profile"], "manifest.json").is_file()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_"))}
     verified = subprocess.run([sys.executable, "-m", "flows.cli", "resolve", "smollm2-135m-reference", "--verify"],
                               cwd=ROOT, env=env | {"ENGINEWRIGHT_HOME": str(home)}, capture_output=True, text=True)
@@ -80,3 +81,56 @@ def test_changing_a_gate_threshold_reruns_only_gating(first_run, home):
     assert fp8["status"] in ("fail", "undecided") and "holdout_perplexity" in fp8["reason"]
     assert strict["promotions"] == []
     assert "nothing promoted" in strict["stdout"]
+
+
+def test_the_champion_is_an_mlflow_model_that_any_host_can_download_and_verify(first_run, home, tmp_path):
+    """The registry holds the profile's files: a process with an empty home downloads, verifies and loads them."""
+    from registry import mlflow_registry as reg
+
+    arch = next(r for r in first_run["rows"] if r["format"] == "fp8")["arch"]
+    alias = reg.alias_for("champion", arch)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_"))}
+    env |= {"ENGINEWRIGHT_HOME": str(tmp_path / "empty-home"),  # nothing of the run's store on this "host"
+            "MLFLOW_TRACKING_URI": f"sqlite:///{home / 'mlflow.db'}"}
+    dest = tmp_path / "fetched"
+    fetched = subprocess.run([sys.executable, "-m", "flows.cli", "resolve", "smollm2-135m-reference", "--download",
+                              str(dest), "--verify"], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert fetched.returncode == 0, fetched.stderr
+    answer = json.loads(fetched.stdout)
+    profile = Path(answer["profile_dir"])
+    assert answer["model_uri"] == f"models:/smollm2-135m-reference@{alias}" and profile.is_relative_to(dest)
+    assert (profile / "checkpoint" / "model.safetensors").is_file()
+
+    code = ("import mlflow, sys; m = mlflow.pyfunc.load_model(sys.argv[1]); "
+            "print(repr(m.predict(['The capital of France is'], params={'max_new_tokens': 8})[0]))")
+    loaded = subprocess.run([sys.executable, "-c", code, f"models:/smollm2-135m-reference@{alias}"], cwd=ROOT, env=env,
+                            capture_output=True, text=True, timeout=600)
+    assert loaded.returncode == 0, loaded.stderr[-3000:]
+    assert "Paris" in loaded.stdout
+
+    weights = profile / "checkpoint" / "model.safetensors"
+    with open(weights, "r+b") as f:  # one flipped byte in the downloaded weights
+        f.seek(4096)
+        byte = f.read(1)
+        f.seek(4096)
+        f.write(bytes([byte[0] ^ 1]))
+    refused = subprocess.run([sys.executable, "-m", "flows.cli", "resolve", "smollm2-135m-reference", "--download",
+                              str(dest), "--verify"], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert refused.returncode == 3, refused.stdout + refused.stderr
+    assert "checkpoint/model.safetensors: sha256" in refused.stderr
+
+
+def test_a_damaged_cached_artifact_is_rebuilt_and_the_run_says_so(first_run, home):
+    quantized = next((home / "quantized" / "fp8").iterdir())
+    manifest = json.loads((quantized / "manifest.json").read_text())
+    victim = next(rel for rel in manifest["files"] if rel.endswith("model.safetensors"))
+    with open(quantized / victim, "r+b") as f:
+        f.seek(2048)
+        byte = f.read(1)
+        f.seek(2048)
+        f.write(bytes([byte[0] ^ 1]))
+    again = run_cli(home)
+    quantize = [s for s in again["stages"] if s["stage"] == "quantize"]
+    assert quantize and not quantize[0]["cached"]
+    said = again["stdout"] + again["stderr"]
+    assert f"{victim}: sha256" in said and "rebuilding" in said

@@ -33,7 +33,7 @@ def test_resolve_answers_per_architecture(tmp_path):
         reg.promote(name="multi", version=v, alias=reg.alias_for("champion", arch), challenger_alias="x")
     answers = {arch: reg.resolve(name="multi", arch=arch) for arch in ("sm_90", "sm_80", "sm_100")}
     assert [a["tags"]["gpu_arch"] for a in answers.values()] == ["sm_90", "sm_80", "sm_100"]
-    assert answers["sm_80"]["source"].endswith("/a")
+    assert answers["sm_80"]["version_uri"] == "models:/multi/2" and answers["sm_80"]["model_uri"] == "models:/multi@champion-sm80"
     with pytest.raises(LookupError, match="nothing is certified for sm_89"):
         reg.resolve(name="multi", arch="sm_89")
     found = reg.find_versions("name='multi' and tags.gpu_arch LIKE 'sm_1%'")
