@@ -5,7 +5,7 @@ VENV   ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test clean compose-cli
+.PHONY: setup demo test clean compose-cli postgres
 
 setup: $(STAMP)
 
@@ -21,12 +21,16 @@ $(STAMP): pyproject.toml
 demo: setup
 	$(VENV)/bin/enginewright run recipes/demo.yaml
 
-test: setup compose-cli
+test: setup compose-cli postgres
 	$(VENV)/bin/python -m pytest -ra
 
 # tests/integration/test_topology.py validates docker-compose.yml with `docker-compose config` (no engine needed)
 compose-cli:
 	command -v docker-compose >/dev/null || (apt-get update -qq && apt-get install -y -qq docker-compose)
+
+# tests/integration runs its Prefect and MLflow servers on a throw-away PostgreSQL cluster (tests/integration/servers.py)
+postgres:
+	ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || (apt-get update -qq && apt-get install -y -qq postgresql)
 
 clean:
 	rm -rf $(VENV) .enginewright
