@@ -11,7 +11,9 @@ Open-source Prefect has no webhooks, so this small ASGI app stands in front of t
 recipe of that model (flows/deploy.py: one per work pool) gets a flow run with `model_version=version` and, when
 given, `model_location=location` (the recipe's model.path, or model.id for hub recipes); all other parameters are
 the deployment's defaults. `delivery_id` is the CI system's unique id for this delivery; repeating it starts
-nothing.
+nothing. A delivery is recorded before its runs are started; if the receiver stopped in between, the retry starts
+them (each run's idempotency key, webhook-<delivery_id>-<deployment>, makes Prefect return a run that was already
+created instead of starting a second one).
 
 Answers: 202 runs started {"flow_run_ids": [...], ...}; 200 already handled (the same ids); 400 malformed or
 invalid JSON ({"field": ...} names the field); 401 missing or wrong signature, or a timestamp further than the
@@ -214,10 +216,14 @@ def create_app(routes: dict[str, list[str]], settings: Settings, launcher: Launc
             log.info("delivery %s: no recipe follows model %s", event.delivery_id, event.model)
             return _error(404, f"no recipe follows model '{event.model}'", known_models=sorted(routes))
         seen = deliveries.claim(event)
-        if seen is not None:
+        if seen is not None and seen["status"] != "started":
             log.info("delivery %s: already %s", event.delivery_id, seen["status"])
             return JSONResponse(seen | {"status": f"already {seen['status']}", "delivery_id": event.delivery_id},
                                 status_code=200)
+        if seen is not None:  # recorded, runs never confirmed: a receiver stopped mid-way, or a concurrent duplicate
+            log.warning("delivery %s: recorded earlier but its flow runs were never confirmed; starting them now "
+                        "(a run that already exists is found by its idempotency key, not started again)",
+                        event.delivery_id)
         parameters = {"model_version": event.version} | ({"model_location": event.location} if event.location else {})
         tags = ["webhook", f"model:{event.model.lower()}", f"delivery:{event.delivery_id}"]
         started = []

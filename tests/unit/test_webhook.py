@@ -247,3 +247,34 @@ def test_a_bad_schedule_is_refused(tmp_path):
     with pytest.raises(DeployError, match="exactly one of cron") as err:
         load_plan(path)
     assert "cronn" in str(err.value)
+
+
+class IdempotentPrefect(FakePrefect):
+    """Like the Prefect API: a second create with the same idempotency key returns the run made by the first."""
+
+    def __init__(self):
+        super().__init__()
+        self.runs: dict[str, str] = {}
+
+    async def __call__(self, deployment, parameters, idempotency_key, tags):
+        await super().__call__(deployment, parameters, idempotency_key, tags)
+        return self.runs.setdefault(idempotency_key, str(uuid.uuid4()))
+
+
+@pytest.mark.parametrize("run_was_created", [False, True], ids=["before-create", "after-create"])
+def test_a_delivery_interrupted_before_it_was_confirmed_gets_its_run_on_retry(tmp_path, run_was_created):
+    """The receiver was killed after recording the delivery and before recording its flow runs; its database says
+    'started'. The CI system's retry (a new receiver on the same database) must get the run, exactly one."""
+    prefect = IdempotentPrefect()
+    webhook.DeliveryLog(tmp_path / "d.db").claim(webhook.ModelVersionEvent(**event()))  # recorded, then killed
+    if run_was_created:  # killed between Prefect creating the run and the receiver recording its id
+        prefect.runs["webhook-ci-1-certify/smollm2-135m-demo-cpu"] = "run-made-before-the-kill"
+
+    retry = post(make_client(tmp_path, prefect), event(), timestamp=NOW + 30)
+    assert retry.status_code == 202, retry.text
+    [run_id] = retry.json()["flow_run_ids"]
+    assert list(prefect.runs.values()) == [run_id]  # one run in Prefect, the one the answer names
+    assert run_id == "run-made-before-the-kill" or not run_was_created
+    again = post(make_client(tmp_path, prefect), event(), timestamp=NOW + 60)
+    assert again.status_code == 200 and again.json()["flow_run_ids"] == [run_id]
+    assert len(prefect.calls) == 1  # handled now: the third delivery asks Prefect for nothing
