@@ -1,18 +1,23 @@
 """Start a model server as a subprocess, wait until it is healthy, stop it afterwards; its log is kept.
 
 Shared by every backend's `serve()`. The server gets its own process group, so workers it forks (trtllm-serve's MPI
-ranks) are stopped with it, also when the server itself already died.
+ranks) are stopped with it, also when the server itself already died. It also must not outlive the process that
+started it: a run killed mid-latency (SIGKILL, OOM) cannot stop it, so the kernel does (Linux PR_SET_PDEATHSIG: the
+server gets SIGTERM when its parent dies; SIGTERM lets trtllm-serve stop its own workers).
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import shlex
+import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Iterator
@@ -20,6 +25,26 @@ from typing import Iterator
 import httpx
 
 log = logging.getLogger(__name__)
+
+
+# Runs in the server's process, then execs the server (exec keeps the death signal): SIGTERM when the parent dies,
+# and exit at once if it died before prctl. No preexec_fn: that is unsafe in a process with threads (Prefect's).
+_DIE_WITH_PARENT = """import ctypes, os, signal, sys
+if sys.platform == "linux":
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+    if os.getppid() != int(sys.argv[1]):
+        sys.exit(f"parent {sys.argv[1]} is gone; not starting {sys.argv[2]}")
+os.execvp(sys.argv[2], sys.argv[2:])
+"""
+
+
+def dies_with_parent(cmd: list[str], env: dict | None = None) -> list[str]:
+    """`cmd` wrapped so that it is stopped when this process dies. The executable is looked up here first, so a
+    missing one raises FileNotFoundError in this process as a plain Popen would."""
+    path = (env if env is not None else os.environ).get("PATH", os.defpath)
+    if shutil.which(cmd[0], path=path) is None:
+        raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), cmd[0])
+    return [sys.executable, "-c", _DIE_WITH_PARENT, str(os.getpid()), *cmd]
 
 
 class ServerFailed(RuntimeError):
@@ -90,7 +115,8 @@ def run_server(cmd: list[str], *, health_url: str, log_file: Path, timeout_s: fl
     with open(log_file, "ab") as logf:
         logf.write(f"$ {shlex.join(cmd)}\n".encode())
         logf.flush()
-        process = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        process = subprocess.Popen(dies_with_parent(cmd, env), stdout=logf, stderr=subprocess.STDOUT, env=env,
+                                   start_new_session=True)
     try:
         wait_healthy(process, health_url, log_file, timeout_s, name=name, error=error, poll_s=poll_s)
         yield process
