@@ -1,4 +1,4 @@
-"""The `enginewright` command line: validate, plan, run, resolve, schema."""
+"""The `enginewright` command line: validate, plan, run, resolve, schema (deploy, webhook, cleanup: ops_cli.py)."""
 
 from __future__ import annotations
 
@@ -108,10 +108,19 @@ def run(recipe: Path = typer.Argument(..., help="recipe YAML"),
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     for noisy in ("httpx", "httpcore"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    from prefect import tags
+
+    from flows.cleanup import cleanup, process_tags
+    from flows.ops_cli import report_cleanup
     from flows.pipeline import certify
 
     started = time.perf_counter()
-    state = certify(str(recipe), set_ or [], return_state=True)
+    try:  # runs an earlier crash left RUNNING; never a reason not to run
+        report_cleanup(cleanup())
+    except Exception as exc:  # noqa: BLE001
+        logging.getLogger("enginewright").warning("cleanup of abandoned runs skipped: %s: %s", type(exc).__name__, exc)
+    with tags(*process_tags()):  # the flow run names its process, so a later cleanup can tell it was abandoned
+        state = certify(str(recipe), set_ or [], return_state=True)
     result = state.result(raise_on_failure=False)
     if isinstance(result, RecipeError):  # found inside the flow, e.g. an unknown target name
         typer.echo(f"recipe error: {result}", err=True)

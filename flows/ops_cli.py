@@ -1,4 +1,4 @@
-"""Production commands, added to the `enginewright` CLI by flows/cli.py: `deploy` and `webhook serve`."""
+"""Production commands, added to the `enginewright` CLI by flows/cli.py: `deploy`, `webhook serve`, `cleanup`."""
 
 from __future__ import annotations
 
@@ -78,9 +78,37 @@ def serve(host: str = typer.Option("127.0.0.1", help="address to bind (0.0.0.0 i
         raise typer.Exit(2) from None
 
 
+def report_cleanup(marked: dict[str, list[dict]]) -> None:
+    for run in marked["mlflow_runs"]:
+        console.print(f"MLflow run {run['run_id']} ({run['name']}) marked FAILED: {run['reason']}", highlight=False)
+    for run in marked["flow_runs"]:
+        console.print(f"Prefect flow run {run['flow_run_id']} ({run['name']}) marked Crashed: {run['reason']}",
+                      highlight=False)
+    for pid in marked["servers"]:
+        console.print(f"stopped Prefect's temporary server (pid {pid}) left by a killed run", highlight=False)
+
+
+def cleanup() -> None:
+    """Mark runs that a crash left RUNNING on this host (MLflow runs, Prefect flow runs) as failed, and stop the
+    temporary Prefect server a killed run left behind.
+
+    `enginewright run` does this before it starts; this command does it alone. Only runs whose recorded process on
+    this host is gone are touched.
+    """
+    from flows import env
+    from flows.cleanup import cleanup as mark_abandoned
+
+    env.configure(offline=True)
+    marked = mark_abandoned()
+    report_cleanup(marked)
+    console.print(f"cleanup: {len(marked['mlflow_runs'])} MLflow run(s), {len(marked['flow_runs'])} Prefect flow "
+                  f"run(s) marked, {len(marked['servers'])} orphaned temporary server(s) stopped")
+
+
 def register(app: typer.Typer) -> None:
-    """Add `deploy` and `webhook serve` to the CLI."""
+    """Add `deploy`, `webhook serve` and `cleanup` to the CLI."""
     app.command(epilog="Example: PREFECT_API_URL=http://127.0.0.1:4200/api enginewright deploy")(deploy)
+    app.command(epilog="Example: enginewright cleanup")(cleanup)
     webhook = typer.Typer(no_args_is_help=True, help="The CI webhook receiver.")
     webhook.command("serve", epilog="Example: ENGINEWRIGHT_WEBHOOK_SECRET=... PREFECT_API_URL=... "
                                     "enginewright webhook serve --port 8088")(serve)

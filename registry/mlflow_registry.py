@@ -15,7 +15,7 @@ import mlflow
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
-from tasks import store
+from tasks import liveness, store
 
 # Cheaper to serve first: the ladder's notion of "better" when two versions both pass.
 FORMAT_COST = {"nvfp4": 0, "int4_awq": 1, "w4a8_awq": 2, "fp8": 3, "int8_sq": 3, "none": 9}
@@ -66,11 +66,20 @@ def code_version() -> str | None:
         return None
 
 
+# Which process a run belongs to: a run left RUNNING by a killed process is found by fail_abandoned_runs().
+PROCESS_TAGS = {"host": "enginewright.host", "pid": "enginewright.pid", "started": "enginewright.pid_started"}
+
+
+def _process_tags() -> dict[str, str]:
+    return {PROCESS_TAGS[k]: v for k, v in liveness.identity().items()}
+
+
 def start_pipeline_run(*, experiment: str, run_name: str, recipe_file: Path, recipe_digest: str,
                        params: dict, tags: dict) -> str:
     c = client()
     run = c.create_run(experiment_id(experiment), run_name=run_name,
-                       tags={"recipe_sha": recipe_digest, "code_version": code_version() or "unknown", **tags})
+                       tags={"recipe_sha": recipe_digest, "code_version": code_version() or "unknown",
+                             **_process_tags(), **tags})
     rid = run.info.run_id
     c.log_batch(rid, params=[mlflow.entities.Param(k, str(v)[:6000]) for k, v in params.items()])
     c.log_artifact(rid, str(recipe_file), "recipe")
@@ -81,7 +90,7 @@ def start_child_run(parent_run_id: str, *, run_name: str, params: dict, tags: di
     c = client()
     parent = c.get_run(parent_run_id)
     run = c.create_run(parent.info.experiment_id, run_name=run_name,
-                       tags={"mlflow.parentRunId": parent_run_id, **tags})
+                       tags={"mlflow.parentRunId": parent_run_id, **_process_tags(), **tags})
     c.log_batch(run.info.run_id, params=[mlflow.entities.Param(k, str(v)[:6000]) for k, v in params.items()])
     return run.info.run_id
 
@@ -135,6 +144,27 @@ def _dataset_source(calibration_file: str, origin: dict):
 
 def end_run(run_id: str, status: str = "FINISHED") -> None:
     client().set_terminated(run_id, status)
+
+
+def fail_abandoned_runs() -> list[dict]:
+    """Mark FAILED the RUNNING runs of this host whose process is gone (killed, crashed); returns what it marked."""
+    from mlflow.entities import ViewType
+
+    c, host = client(), liveness.identity()["host"]
+    experiments = [e.experiment_id for e in c.search_experiments(view_type=ViewType.ALL)]
+    if not experiments:
+        return []
+    marked = []
+    running = c.search_runs(experiments, f"attributes.status = 'RUNNING' and tags.`{PROCESS_TAGS['host']}` = '{host}'",
+                            run_view_type=ViewType.ALL, max_results=5000)
+    for run in running:
+        tags = run.data.tags
+        reason = liveness.gone(host, tags.get(PROCESS_TAGS["pid"], ""), tags.get(PROCESS_TAGS["started"], ""))
+        if reason:
+            c.set_tag(run.info.run_id, "enginewright.abandoned", reason)
+            c.set_terminated(run.info.run_id, "FAILED")
+            marked.append({"run_id": run.info.run_id, "name": run.info.run_name, "reason": reason})
+    return marked
 
 
 def registered_name(registry_name: str, backend: str) -> str:
