@@ -21,7 +21,7 @@ from flows.quantize_flow import quantize_elsewhere
 from recipes.schema import load_recipe
 from registry import artifact_share
 from registry import mlflow_registry as registry
-from tasks import ladder, promote, store
+from tasks import ladder, promote, quantize, store
 from tasks.build import BASELINE
 from tasks.evaluate import check_item_counts
 from tasks.quantize import QuantizationError
@@ -247,9 +247,15 @@ def quantize_formats(recipe, plan, model, calib, record: RunRecord) -> tuple[dic
                                     calib_digest=calib.digest, fmt=fmt, kv_cache=recipe.quantization.kv_cache,
                                     awq_block_size=recipe.quantization.awq_block_size,
                                     max_tokens=recipe.calibration.max_tokens,
-                                    batch_size=recipe.calibration.batch_size)
+                                    batch_size=recipe.calibration.batch_size,
+                                    tp_sizes=quantize.recipe_tp_sizes(recipe),
+                                    trtllm_tps=quantize.recipe_trtllm_tps(recipe))
         except QuantizationError as exc:
             quant_errors[fmt] = str(exc)
+        except Exception as exc:  # any failure of one format is recorded; the other formats and targets go on
+            log.exception("quantize %s failed", fmt)
+            quant_errors[fmt] = f"quantize failed: {type(exc).__name__}: {exc}"
+            record.errors.append(f"quantize {fmt}: {type(exc).__name__}: {exc}")
     return quantized, quant_errors
 
 
@@ -306,7 +312,7 @@ def _certify_target(recipe, target, arch, pairs, model, calib, quantized, quant_
             continue
         q = quantized[pair.format]
         profile = _timed(record, "build", f"{pair.format}@{target.name}", build_task, model_slug=model.name,
-                         checkpoint_dir=q.fakequant_dir if target.backend == "reference" else q.unified_dir,
+                         checkpoint_dir=quantize.checkpoint_for(q, target),
                          checkpoint_fp=q.fingerprint, fmt=pair.format, quant_algo=q.quant_algo, target=target,
                          device=device)
         acc, lat = _validate(record, recipe, calib, profile, device)

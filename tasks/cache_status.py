@@ -75,14 +75,16 @@ def plan_stages(recipe, base_dir: Path, plan, device: dict) -> list[dict]:
     checkpoints = {}
     for fmt in plan.formats_to_quantize:
         try:
-            block = quantize.resolved_block_size(fmt, str(model_dir), recipe.quantization.awq_block_size)
+            block = quantize.resolved_block_size(fmt, str(model_dir), recipe.quantization.awq_block_size,
+                                                 quantize.recipe_tp_sizes(recipe))
         except quantize.QuantizationError as exc:
             row("quantize", fmt, False, f"will fail: {exc}")
             continue
         parts = quantize.key_parts(model_fp=model_fp, calib_digest=calib["digest"], fmt=fmt,
                                    kv_cache=recipe.quantization.kv_cache, awq_block_size=block,
                                    max_tokens=recipe.calibration.max_tokens,
-                                   batch_size=recipe.calibration.batch_size, device=q_device)
+                                   batch_size=recipe.calibration.batch_size, device=q_device,
+                                   trtllm_tps=quantize.recipe_trtllm_tps(recipe))
         out = store.stage_dir(f"quantized/{fmt}", store.key_of("quantize", parts))
         cached, reason = explain(out, [p for p in out.parent.glob("*") if p != out], parts)
         row("quantize", fmt, cached, reason)

@@ -5,6 +5,8 @@ Writes per format:
   - ``fakequant/``: the base checkpoint's files hard-linked (no copy) plus ModelOpt's quantizer state
     (tasks/quant_state.py: a few MB, byte-deterministic); the reference backend restores the state onto the base
     weights and computes exactly what the in-memory quantized model computed.
+INT8-SmoothQuant gets ``trtllm-tp{N}/`` instead of ``unified/``: a TensorRT-LLM checkpoint per legacy-engine tp
+(see TRTLLM_CHECKPOINT_FORMATS).
 The model is placed by tasks/placement.py: one GPU, or sharded over the visible GPUs when it does not fit one.
 """
 
@@ -31,6 +33,17 @@ MODELOPT_PRESETS = {
     "nvfp4": "NVFP4_DEFAULT_CFG",
 }
 AWQ_FORMATS = ("int4_awq", "w4a8_awq")
+# TensorRT-LLM's INT4 group-wise kernels take group size 64 or 128, and every rank's share of a layer's input must be
+# whole groups (TensorRT-LLM issues #988, #1636; ModelOpt's export cannot pack a partial block either:
+# "Cannot pack weight with input dimension 320 and block size 128: partial blocks are not supported").
+AWQ_GROUP_SIZES = (128, 64)
+# ModelOpt's KV-cache presets by their hf_ptq.py --kv_cache_qformat names (modelopt.recipe.presets, 0.47): the
+# *_cast ones pin a constant amax (448, use_constant_amax) and calibrate nothing; ModelOpt's default is fp8_cast.
+KV_CACHE_FORMATS = ("fp8_cast", "fp8", "nvfp4_cast", "nvfp4")
+# INT8-SmoothQuant is exported as a TensorRT-LLM checkpoint per tensor-parallel size, as ModelOpt's hf_ptq.py does
+# (export_tensorrt_llm_checkpoint): the unified HF export does not support it (3_unified_hf.rst lists FP8, FP8_PB,
+# NVFP4, NVFP4_AWQ, INT4_AWQ, W4A8_AWQ) and only TensorRT-LLM's legacy engine serves it.
+TRTLLM_CHECKPOINT_FORMATS = ("int8_sq",)
 CUDA_ONLY_FORMATS = {"nvfp4": "NVFP4 calibration uses ModelOpt's CUDA kernels; run quantization on a GPU worker"}
 
 
@@ -52,30 +65,88 @@ class QuantizedArtifact:
 
 
 def linear_in_features(model) -> dict[str, int]:
+    """Input size of every layer ModelOpt quantizes: nn.Linear and transformers' Conv1D (GPT-2's attention and MLP,
+    whose weight is stored (in, out)); lm_head is left unquantized."""
     import torch
+    from transformers.pytorch_utils import Conv1D
 
-    return {name: m.in_features for name, m in model.named_modules()
-            if isinstance(m, torch.nn.Linear) and "lm_head" not in name}
+    sizes = {}
+    for name, m in model.named_modules():
+        if "lm_head" in name:
+            continue
+        if isinstance(m, torch.nn.Linear):
+            sizes[name] = m.in_features
+        elif isinstance(m, Conv1D):
+            sizes[name] = m.weight.shape[0]
+    return sizes
 
 
-def choose_awq_block_size(in_features: dict[str, int], requested: int | None) -> int:
-    """The requested group size if every quantized linear's input size divides by it; else the largest that works.
+def choose_awq_block_size(in_features: dict[str, int], requested: int | None, tp_sizes=(1,)) -> int:
+    """The AWQ group size: `requested`, else 128 when it fits, else 64. A size fits when, for every target's tensor
+    parallelism, each layer's input size per rank is a whole number of groups.
 
     Raises:
-        QuantizationError: listing every layer that the requested size does not divide.
+        QuantizationError: naming the layers and sizes that no allowed group size fits (before any calibration).
     """
-    if requested is not None:
-        bad = {n: f for n, f in in_features.items() if f % requested}
-        if bad:
-            listed = ", ".join(f"{n} ({f})" for n, f in list(bad.items())[:8])
-            raise QuantizationError(
-                f"quantization.awq_block_size={requested} does not divide the input size of {len(bad)} layer(s): "
-                f"{listed}{' ...' if len(bad) > 8 else ''}. Use a divisor of every size, or leave it unset to choose one.")
-        return requested
-    for size in (128, 64, 32, 16):
-        if all(f % size == 0 for f in in_features.values()):
+    if not in_features:
+        raise QuantizationError("the model has no nn.Linear or Conv1D layers for AWQ to quantize")
+    tps = sorted(set(tp_sizes)) or [1]
+
+    def misfits(size: int) -> dict[str, str]:
+        return {n: f"{f}" + (f" / tp {tp} = {f / tp:g}" if tp > 1 else "") for n, f in in_features.items()
+                for tp in tps if f % (tp * size)}
+
+    for size in ([requested] if requested is not None else AWQ_GROUP_SIZES):
+        bad = misfits(size)
+        if not bad:
             return size
-    raise QuantizationError(f"no AWQ group size in 128/64/32/16 divides every linear input size: {sorted(set(in_features.values()))}")
+    listed = ", ".join(f"{n} ({why})" for n, why in list(bad.items())[:6]) + (" ..." if len(bad) > 6 else "")
+    tried = f"quantization.awq_block_size={requested}" if requested is not None else "AWQ group size 128 or 64"
+    raise QuantizationError(
+        f"{tried} does not give whole groups per rank (tensor parallelism {', '.join(map(str, tps))}) for "
+        f"{len(bad)} layer(s): {listed}. TensorRT-LLM's INT4 kernels take group size 64 or 128, with each rank's "
+        f"input size a multiple of it; use another format for this model, or a tp that divides the sizes")
+
+
+def calibration_forward(model, batches) -> int:
+    """ModelOpt hf_ptq's calibration loop (modelopt/torch/utils/dataset_utils.py _forward_loop/_process_batch):
+    no gradients, no KV cache (use_cache=False); a batch that runs out of CUDA memory is split in half and retried,
+    and later batches are cut to the size that worked. Returns that size (the first batch's when none failed).
+
+    Raises:
+        QuantizationError: a single sample does not fit in GPU memory.
+    """
+    import torch
+
+    limit: list[int | None] = [None]
+
+    def run(batch: dict) -> None:
+        n = batch["input_ids"].shape[0]
+        if limit[0] is not None and n > limit[0]:
+            for i in range(0, n, limit[0]):
+                run({k: v[i:i + limit[0]] for k, v in batch.items()})
+            return
+        try:
+            model(**batch, use_cache=False)
+            return
+        except torch.cuda.OutOfMemoryError:
+            if n == 1:
+                raise QuantizationError("calibration ran out of CUDA memory on a single sample: lower "
+                                        "calibration.max_tokens or quantize on a GPU with more memory") from None
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        half = (n + 1) // 2
+        log.warning("calibration: CUDA out of memory with batch size %d, trying %d", n, half)
+        limit[0] = half
+        run({k: v[:half] for k, v in batch.items()})
+        run({k: v[half:] for k, v in batch.items()})
+
+    first = None
+    with torch.no_grad():
+        for batch in batches:
+            first = first or batch["input_ids"].shape[0]
+            run(batch)
+    return limit[0] or first or 0
 
 
 def build_quant_config(fmt: str, *, kv_cache: str, awq_block_size: int | None) -> dict:
@@ -88,29 +159,60 @@ def build_quant_config(fmt: str, *, kv_cache: str, awq_block_size: int | None) -
             for part in parts if isinstance(parts, list) else [parts]:
                 if isinstance(part, dict) and isinstance(part.get("block_sizes"), dict) and -1 in part["block_sizes"]:
                     part["block_sizes"][-1] = awq_block_size
-    if kv_cache == "fp8":
-        cfg = mtq.update_quant_cfg_with_kv_cache_quant(cfg, mtq.FP8_KV_CFG["quant_cfg"])
+    if kv_cache != "none":
+        from modelopt.recipe.presets import KV_QUANT_CFG_CHOICES
+
+        if kv_cache not in KV_CACHE_FORMATS or kv_cache not in KV_QUANT_CFG_CHOICES:
+            raise QuantizationError(f"quantization.kv_cache '{kv_cache}' is not one of none, "
+                                    f"{', '.join(KV_CACHE_FORMATS)} (ModelOpt's KV presets)")
+        cfg = mtq.update_quant_cfg_with_kv_cache_quant(cfg, KV_QUANT_CFG_CHOICES[kv_cache]["quant_cfg"])
     return cfg
 
 
 def key_parts(*, model_fp: str, calib_digest: str, fmt: str, kv_cache: str, awq_block_size: int | None,
-              max_tokens: int, batch_size: int, device: str) -> dict:
+              max_tokens: int, batch_size: int, device: str, trtllm_tps=()) -> dict:
     """Everything a quantized checkpoint depends on, by name (recorded in its manifest; `plan` diffs them)."""
-    return {"model": model_fp, "calibration": calib_digest, "format": fmt, "kv_cache": kv_cache,
-            "awq_block_size": awq_block_size, "max_tokens": max_tokens, "batch_size": batch_size, "device": device,
-            "toolchain": {"modelopt": store.version_of("nvidia-modelopt"), "torch": store.version_of("torch"),
-                          "transformers": store.version_of("transformers")},
-            "code": store.source_digest(sys.modules[__name__], quant_state)}
+    parts = {"model": model_fp, "calibration": calib_digest, "format": fmt, "kv_cache": kv_cache,
+             "awq_block_size": awq_block_size, "max_tokens": max_tokens, "batch_size": batch_size, "device": device,
+             "toolchain": {"modelopt": store.version_of("nvidia-modelopt"), "torch": store.version_of("torch"),
+                           "transformers": store.version_of("transformers")},
+             "code": store.source_digest(sys.modules[__name__], quant_state)}
+    if fmt in TRTLLM_CHECKPOINT_FORMATS:
+        parts["trtllm_checkpoint_tps"] = trtllm_checkpoint_tps(fmt, trtllm_tps)
+    return parts
 
 
-def resolved_block_size(fmt: str, model_dir: str, requested: int | None) -> int | None:
-    return choose_awq_block_size(_linear_sizes_from_config(model_dir), requested) if fmt in AWQ_FORMATS else None
+def recipe_tp_sizes(recipe) -> tuple[int, ...]:
+    """Every target's tensor-parallel size: an AWQ group size must fit all of them."""
+    return tuple(sorted({t.tp for t in recipe.targets}))
+
+
+def recipe_trtllm_tps(recipe) -> tuple[int, ...]:
+    """The tensor-parallel sizes of the legacy-engine targets (INT8-SQ TensorRT-LLM checkpoints are per tp)."""
+    return tuple(sorted({t.tp for t in recipe.targets if t.backend == "trtllm" and t.engine == "legacy"}))
+
+
+def trtllm_checkpoint_tps(fmt: str, tps) -> list[int]:
+    return sorted(set(tps) or {1}) if fmt in TRTLLM_CHECKPOINT_FORMATS else []
+
+
+def trtllm_checkpoint_dir(path, tp: int) -> Path:
+    return Path(path) / f"trtllm-tp{tp}"
+
+
+def resolved_block_size(fmt: str, model_dir: str, requested: int | None, tp_sizes=(1,)) -> int | None:
+    if fmt not in AWQ_FORMATS:
+        return None
+    return choose_awq_block_size(_linear_sizes_from_config(model_dir), requested, tp_sizes)
 
 
 def quantize(*, model_dir: str, model_fp: str, calibration_file: str, calib_digest: str, fmt: str,
              kv_cache: str = "none", awq_block_size: int | None = None, max_tokens: int = 256,
-             batch_size: int = 8) -> QuantizedArtifact:
+             batch_size: int = 8, tp_sizes=(1,), trtllm_tps=()) -> QuantizedArtifact:
     """Quantize with ModelOpt and export; cached by model, calibration set, format config and toolchain.
+
+    tp_sizes: every target's tensor parallelism (the AWQ group size must fit each); trtllm_tps: those of the
+    legacy-engine targets, for which INT8-SQ is exported as a TensorRT-LLM checkpoint.
 
     Raises:
         QuantizationError: the format cannot run here (e.g. NVFP4 without CUDA) or does not fit the model.
@@ -120,18 +222,33 @@ def quantize(*, model_dir: str, model_fp: str, calibration_file: str, calib_dige
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if fmt in CUDA_ONLY_FORMATS and device != "cuda":
         raise QuantizationError(f"{fmt}: {CUDA_ONLY_FORMATS[fmt]}")
-    awq_block_size = resolved_block_size(fmt, model_dir, awq_block_size)
+    if kv_cache.startswith("nvfp4") and device != "cuda":
+        raise QuantizationError(f"kv_cache {kv_cache}: NVFP4 KV-cache quantization uses ModelOpt's CUDA kernels; "
+                                f"run quantization on a GPU worker")
+    awq_block_size = resolved_block_size(fmt, model_dir, awq_block_size, tp_sizes)
     parts = key_parts(model_fp=model_fp, calib_digest=calib_digest, fmt=fmt, kv_cache=kv_cache,
-                      awq_block_size=awq_block_size, max_tokens=max_tokens, batch_size=batch_size, device=device)
+                      awq_block_size=awq_block_size, max_tokens=max_tokens, batch_size=batch_size, device=device,
+                      trtllm_tps=trtllm_tps)
     key = store.key_of("quantize", parts)
     out = store.stage_dir(f"quantized/{fmt}", key)
     with store.claim(out) as manifest:
         cached = manifest is not None
         if manifest is None:
             manifest = _quantize_and_export(model_dir, calibration_file, fmt, kv_cache, awq_block_size, max_tokens,
-                                            batch_size, device, key, out, parts)
+                                            batch_size, device, key, out, parts,
+                                            parts.get("trtllm_checkpoint_tps", []))
     return QuantizedArtifact(fmt, str(out), str(out / "fakequant"), str(out / "unified"), manifest["content_hash"],
                              manifest.get("quant_algo"), awq_block_size, manifest["seconds"], cached)
+
+
+def checkpoint_for(q: QuantizedArtifact, target) -> str:
+    """The checkpoint a target builds from: the fake-quant model (reference), a TensorRT-LLM checkpoint for the
+    target's tp (INT8-SQ, legacy engine), or the unified HF export."""
+    if target.backend == "reference":
+        return q.fakequant_dir
+    if q.format in TRTLLM_CHECKPOINT_FORMATS:
+        return str(trtllm_checkpoint_dir(q.path, target.tp))
+    return q.unified_dir
 
 
 def _linear_sizes_from_config(model_dir: str) -> dict[str, int]:
@@ -146,7 +263,7 @@ def _linear_sizes_from_config(model_dir: str) -> dict[str, int]:
 
 
 def _quantize_and_export(model_dir, calibration_file, fmt, kv_cache, awq_block_size, max_tokens, batch_size,
-                         device, key, out, parts) -> dict:
+                         device, key, out, parts, trtllm_tps) -> dict:
     import time
 
     import modelopt.torch.quantization as mtq
@@ -161,28 +278,27 @@ def _quantize_and_export(model_dir, calibration_file, fmt, kv_cache, awq_block_s
     model = placement.load_causal_lm(model_dir, dtype=dtype, placement=where)
     model.config.architectures = [type(model).__name__]
     input_device = placement.input_device(model)
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)  # saved with the export as it came
+    # Calibration pads on the left, with EOS where the tokenizer has no pad token (hf_ptq does the same and restores
+    # the tokenizer before saving it): a separate copy, so the saved tokenizer keeps its own pad token.
+    calib_tokenizer = AutoTokenizer.from_pretrained(model_dir, padding_side="left")
+    if calib_tokenizer.pad_token is None:
+        calib_tokenizer.pad_token = calib_tokenizer.eos_token
     calib = pd.read_parquet(calibration_file)
     texts = calib["text"].tolist()
     packed = "input_ids" in calib.columns  # tasks/calibrate.py pack: equal-length token sequences, no padding
     cfg = build_quant_config(fmt, kv_cache=kv_cache, awq_block_size=awq_block_size)
 
+    def batch_at(i: int) -> dict:
+        if packed:
+            return {"input_ids": torch.tensor(calib["input_ids"].iloc[i:i + batch_size].tolist(), device=input_device)}
+        return calib_tokenizer(texts[i:i + batch_size], return_tensors="pt", padding=True, truncation=True,
+                               max_length=max_tokens).to(input_device)
+
     def forward_loop(m):
-        padding_side, tokenizer.padding_side = tokenizer.padding_side, "left"
-        try:
-            for i in tqdm(range(0, len(texts), batch_size), desc=f"calibrate {fmt}", unit="batch"):
-                if packed:
-                    ids = torch.tensor(calib["input_ids"].iloc[i:i + batch_size].tolist(), device=input_device)
-                    batch = {"input_ids": ids}
-                else:
-                    batch = tokenizer(texts[i:i + batch_size], return_tensors="pt", padding=True, truncation=True,
-                                      max_length=max_tokens).to(input_device)
-                with torch.no_grad():
-                    m(**batch, use_cache=False)  # no KV cache: calibration never decodes
-        finally:
-            tokenizer.padding_side = padding_side
+        starts = range(0, len(texts), batch_size)
+        calibration_forward(m, tqdm((batch_at(i) for i in starts), total=len(starts), desc=f"calibrate {fmt}",
+                                    unit="batch"))
 
     log.info("quantizing to %s on %s (%d calibration %s)", fmt, where.describe(), len(texts),
              "packed sequences" if packed else "texts")
@@ -195,10 +311,13 @@ def _quantize_and_export(model_dir, calibration_file, fmt, kv_cache, awq_block_s
         # The quantizer state, before export: export packs weights in place. Base files are linked, not copied.
         quant_state.save(model, tmp / "fakequant", base_fingerprint=parts["model"], folds=folds)
         link_base_checkpoint(Path(model_dir), tmp / "fakequant")
-        with torch.inference_mode():
-            export_hf_checkpoint(model, dtype=torch.bfloat16, export_dir=str(tmp / "unified"))
-        tokenizer.save_pretrained(tmp / "unified")
-        quant_config = _read_json(tmp / "unified" / "hf_quant_config.json")
+        if trtllm_tps:
+            quant_config = _export_trtllm_checkpoints(model, tokenizer, tmp, trtllm_tps)
+        else:
+            with torch.inference_mode():
+                export_hf_checkpoint(model, dtype=torch.bfloat16, export_dir=str(tmp / "unified"))
+            tokenizer.save_pretrained(tmp / "unified")
+            quant_config = _read_json(tmp / "unified" / "hf_quant_config.json")
         del model
         seconds = round(time.perf_counter() - started, 2)
         manifest = store.write_manifest(tmp, {
@@ -226,6 +345,25 @@ def link_base_checkpoint(model_dir: Path, out: Path) -> None:
             log.warning("cannot hard-link %s into the store (another filesystem?): copying %.1f GB. Keep "
                         "ENGINEWRIGHT_HOME on the model's filesystem to avoid this copy.", file, file.stat().st_size / 1e9)
             shutil.copy2(file, out / file.name)
+
+
+def _export_trtllm_checkpoints(model, tokenizer, out: Path, tps) -> dict:
+    """One TensorRT-LLM checkpoint per tensor-parallel size (config.json + rank{N}.safetensors), with the tokenizer,
+    as hf_ptq.py exports int8_sq; returns the quantization block of the first one's config.json."""
+    import torch
+    from modelopt.torch.export import export_tensorrt_llm_checkpoint
+    from modelopt.torch.export.model_utils import get_model_type
+
+    decoder_type = get_model_type(model)
+    if decoder_type is None:
+        raise QuantizationError(f"ModelOpt's TensorRT-LLM checkpoint export does not know {type(model).__name__}")
+    for tp in tps:
+        target = trtllm_checkpoint_dir(out, tp)
+        with torch.inference_mode():
+            export_tensorrt_llm_checkpoint(model, decoder_type, dtype=torch.float16, export_dir=str(target),
+                                           inference_tensor_parallel=tp)
+        tokenizer.save_pretrained(target)
+    return {"quantization": (_read_json(trtllm_checkpoint_dir(out, tps[0]) / "config.json") or {}).get("quantization")}
 
 
 def _read_json(path: Path) -> dict | None:

@@ -73,3 +73,29 @@ def chat_model_dir(tiny_model_dir, tmp_path_factory) -> Path:
     tok.chat_template = CHATML
     tok.save_pretrained(out)
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2(tmp_path_factory):
+    """make(hidden) -> a 2-layer GPT-2 (transformers Conv1D layers, head size 64) saved as an HF checkpoint, with
+    a tokenizer that has no pad token (as GPT-2's)."""
+    made: dict[int, Path] = {}
+
+    def make(hidden: int) -> Path:
+        if hidden not in made:
+            import torch
+            from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+
+            out = tmp_path_factory.mktemp(f"tiny-gpt2-{hidden}")
+            torch.manual_seed(0)
+            model = GPT2LMHeadModel(GPT2Config(vocab_size=512, n_embd=hidden, n_layer=2, n_head=hidden // 64,
+                                               n_positions=256, bos_token_id=1, eos_token_id=2))
+            model.config.architectures = ["GPT2LMHeadModel"]
+            model.save_pretrained(out)
+            tok = _tiny_tokenizer()
+            PreTrainedTokenizerFast(tokenizer_object=tok._tokenizer, bos_token="<s>", eos_token="</s>",
+                                    unk_token="<unk>").save_pretrained(out)
+            made[hidden] = out
+        return made[hidden]
+
+    return make

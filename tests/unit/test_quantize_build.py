@@ -120,10 +120,8 @@ def test_plan_explains_why_a_stage_would_rerun(tiny_model_dir, calib_file, monke
     assert not cached and reason == f"toolchain.modelopt: {real('nvidia-modelopt')} → 0.99.0"
 
 
-@pytest.mark.parametrize("fmt,algo", [("int8_sq", "W8A8_SQ_PER_CHANNEL"), ("int4_awq", "W4A16_AWQ")])
-def test_int8_smoothquant_and_int4_awq_export_on_cpu(tiny_model_dir, calib_file, fmt, algo):
-    q = _quantize(tiny_model_dir, calib_file, fmt=fmt)
+def test_int4_awq_exports_a_unified_checkpoint_on_cpu(tiny_model_dir, calib_file):
+    q = _quantize(tiny_model_dir, calib_file, fmt="int4_awq")
     config = json.loads((Path(q.unified_dir) / "hf_quant_config.json").read_text())["quantization"]
-    assert config["quant_algo"] == algo
-    if fmt == "int4_awq":
-        assert q.awq_block_size == 64 and config["group_size"] == 64  # 64 divides the tiny model's 64/128 inputs
+    assert config["quant_algo"] == "W4A16_AWQ" == q.quant_algo
+    assert q.awq_block_size == 64 and config["group_size"] == 64  # 64 divides the tiny model's 64/128 inputs

@@ -581,3 +581,33 @@ def test_long_prompts_need_chunked_prefill_below_max_seq_len(fake, upstream, tmp
         assert len(lm.tok_encode(context)) > 16 and logprob < 0
     load = fake.named("pytorch.LLM")[-1]
     assert load["enable_chunked_prefill"] is True and load["max_num_tokens"] == 16
+
+
+def test_int8_sq_is_exported_as_a_tensorrt_llm_checkpoint_for_the_targets_tp_and_built_from_it(
+        fake, tmp_path, tiny_model_dir, monkeypatch):
+    """ModelOpt's hf_ptq.py exports int8_sq with export_tensorrt_llm_checkpoint (the unified export does not list
+    INT8-SQ); the legacy engine builder loads that checkpoint for the LLM's own tp."""
+    import pandas as pd
+    from pydoc_data.topics import topics
+
+    from tasks import quantize
+
+    monkeypatch.setenv("FAKE_TRTLLM_VERSION", "1.2.1")  # ModelOpt's exporter imports tensorrt_llm too
+    calib = tmp_path / "calib.parquet"
+    pd.DataFrame({"text": [t[:300] for t in list(topics.values())[:8]]}).to_parquet(calib)
+    q = quantize.quantize(model_dir=str(tiny_model_dir), model_fp="tiny", calibration_file=str(calib),
+                          calib_digest="c", fmt="int8_sq", max_tokens=32, batch_size=4, trtllm_tps=(1, 2))
+    assert q.quant_algo == "W8A8_SQ_PER_CHANNEL" and not Path(q.unified_dir).exists()
+    for tp in (1, 2):
+        ckpt = Path(q.path) / f"trtllm-tp{tp}"
+        config = json.loads((ckpt / "config.json").read_text())
+        assert config["mapping"]["world_size"] == tp and config["quantization"]["quant_algo"] == "W8A8_SQ_PER_CHANNEL"
+        assert sorted(p.name for p in ckpt.glob("rank*.safetensors")) == [f"rank{r}.safetensors" for r in range(tp)]
+        assert (ckpt / "tokenizer.json").is_file()
+    legacy = target(engine="legacy", tp=2, trtllm_version="1.2.1")
+    assert quantize.checkpoint_for(q, legacy) == str(Path(q.path) / "trtllm-tp2")
+
+    out, options = build_into(tmp_path, quantize.checkpoint_for(q, legacy), legacy, {**H100, "gpu_count": 2})
+    assert options["quantization"]["quant_algo"] == "W8A8_SQ_PER_CHANNEL"
+    assert fake.one("tensorrt.LLM")["tensor_parallel_size"] == 2
+    assert sorted(p.name for p in (out / "engine").iterdir()) == ["config.json", "rank0.engine", "rank1.engine"]
