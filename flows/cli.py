@@ -211,8 +211,9 @@ def print_summary(result: dict) -> None:
                     "  enginewright resolve smollm2-135m-reference --download /srv/models/smollm2 --verify\n\n"
                     + EXIT_CODES_HELP)
 def resolve(model: str = typer.Argument(..., help="registered model name, e.g. smollm2-135m-reference"),
-            gpu: str = typer.Option("auto", help="GPU name (H100, A100, ...), an arch (sm_90, sm90, cpu-x86_64), "
-                                    "or auto (this machine)"),
+            gpu: str = typer.Option("auto", help="GPU name (H100, H20, A100, ...; a version built on that GPU is "
+                                    "preferred to the arch's champion built on another), an arch (sm_90, sm90, "
+                                    "cpu-x86_64), or auto (this machine)"),
             tp: int = typer.Option(1, help="tensor-parallel size"),
             prefix: str = typer.Option("champion", help="alias prefix"),
             download: Optional[Path] = typer.Option(None, "--download", help="fetch the version's files from MLflow's "
@@ -241,7 +242,7 @@ def resolve(model: str = typer.Argument(..., help="registered model name, e.g. s
         typer.echo(f"--gpu: {exc}", err=True)
         raise typer.Exit(EXIT_BAD_INPUT) from None
     try:
-        answer = registry.resolve(name=model, arch=arch, prefix=prefix, tp=tp)
+        answer = registry.resolve(name=model, arch=arch, prefix=prefix, tp=tp, gpu_name=_gpu_name_of(gpu))
     except UnknownModel as exc:
         typer.echo(str(exc), err=True)
         raise typer.Exit(EXIT_BAD_INPUT) from None
@@ -266,6 +267,13 @@ def resolve(model: str = typer.Argument(..., help="registered model name, e.g. s
             typer.echo(f"refused: {exc}", err=True)
             raise typer.Exit(EXIT_REFUSED) from None
     print(json.dumps(answer, indent=2))
+
+
+def _gpu_name_of(gpu: str) -> str | None:
+    """A catalogue GPU name (H20, H100, ...) when --gpu is one: resolve then prefers a version built on that GPU."""
+    from tasks.targets import GPU_CATALOGUE
+
+    return next((name for name in GPU_CATALOGUE if name.lower() == gpu.lower()), None)
 
 
 def _arch_of(gpu: str) -> str:

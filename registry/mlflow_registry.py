@@ -278,9 +278,14 @@ class UnknownModel(LookupError):
     """No registered model of that name."""
 
 
-def resolve(*, name: str, arch: str, prefix: str = "champion", tp: int = 1) -> dict:
+def resolve(*, name: str, arch: str, prefix: str = "champion", tp: int = 1, gpu_name: str | None = None) -> dict:
     """What an `arch` node should serve: the champion version of `name` for that arch, its ``models:/`` URI, the
     place of its profile in this host's store (when this host built it), and its tags.
+
+    With `gpu_name` (a catalogue name such as H20): GPUs of one arch differ in memory and SM count, so a version
+    built on that GPU is preferred to the arch's champion built on another: the champion when it was, else the
+    newest certified version for this arch and tp whose `gpu_name` tag names it; the arch's champion otherwise.
+    `matched` says which ("gpu_name" or "arch").
 
     Raises UnknownModel when `name` is not registered, LookupError when nothing is certified for `arch`."""
     c = client()
@@ -296,8 +301,19 @@ def resolve(*, name: str, arch: str, prefix: str = "champion", tp: int = 1) -> d
         raise LookupError(f"registered model '{name}' has no '{alias}' alias: nothing is certified for {arch}"
                           f"{f' with tp={tp}' if tp > 1 else ''} (its aliases: {have})")
     version = c.get_model_version(name, model.aliases[alias])
+    matched = "arch"
+    if gpu_name is not None:
+        from tasks.targets import gpu_matches
+
+        if gpu_matches(gpu_name, version.tags.get("gpu_name")):
+            matched = "gpu_name"
+        else:
+            same_gpu = [v for v in c.search_model_versions(f"name='{name}' and tags.gpu_arch='{arch}'")
+                        if gpu_matches(gpu_name, v.tags.get("gpu_name")) and str(v.tags.get("tp_size", 1)) == str(tp)]
+            if same_gpu:
+                version, matched = max(same_gpu, key=lambda v: int(v.version)), "gpu_name"
     local = version.tags.get("profile_path")
-    return {"name": name, "version": str(version.version), "alias": alias,
+    return {"name": name, "version": str(version.version), "alias": alias, "matched": matched,
             "model_uri": f"models:/{name}@{alias}", "version_uri": f"models:/{name}/{version.version}",
             "source": version.source, "local_profile": local if local and Path(local).is_dir() else None,
             "tags": dict(version.tags), "run_id": version.run_id}

@@ -91,6 +91,7 @@ def _build(impl, checkpoint_dir, target, device, key, parts, fmt, quant_algo, to
         return store.write_manifest(tmp, {
             "stage": "build", "key": key, "inputs": parts, "backend": target.backend, "format": fmt, "quant_algo": quant_algo,
             "target": {"name": target.name, "arch": arch, "tp": target.tp, "gpu_name": device.get("gpu_name"),
+                       "gpu_memory_gib": device.get("gpu_memory_gib"),
                        "gpu_count": device.get("gpu_count"), "driver": device.get("driver"),
                        "cuda": device.get("cuda")},
             "toolchain": toolchain, "toolchain_full": store.toolchain(), "build_options": options,

@@ -13,6 +13,7 @@ def version_tags(*, recipe, target, arch: str, profile, decision, run_id: str, l
     accuracy = [v for v in decision.verdicts if v.bound is not None]
     return lineage | {
         "gpu_arch": arch, "arch_slug": registry.arch_slug(arch), "target": target.name, "gpu_name": profile.manifest["target"].get("gpu_name") or "none",
+        "gpu_memory_gib": profile.manifest["target"].get("gpu_memory_gib"),
         "tp_size": target.tp, "quant_format": profile.format, "quant_algo": profile.manifest.get("quant_algo"),
         "kv_cache_dtype": recipe.quantization.kv_cache, "backend": target.backend,
         "candidate_run_id": run_id, "accuracy_degradation": accuracy[0].value if accuracy else None,

@@ -58,3 +58,42 @@ def test_resolve_command_answers_for_a_gpu_name(tmp_path):
     assert missing.exit_code == 4 and "champion-sm80" in missing.output
     refused = runner.invoke(app, ["resolve", "cli-model", "--gpu", "H100", "--verify"])
     assert refused.exit_code == 3 and "no manifest.json" in refused.output  # registered dir is not a complete profile
+
+
+def test_resolve_by_gpu_name_prefers_a_version_built_on_that_gpu(tmp_path):
+    """H100 and H20 are both sm_90 but differ in memory and SM count: --gpu H20 prefers an H20-built version."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+
+    def register(fp, gpu, fmt="fp8", degradation=0.01):
+        profile = tmp_path / fp
+        profile.mkdir()
+        run = reg.client().create_run(reg.experiment_id("test")).info.run_id
+        return reg.register_version(name="fleet", profile_dir=str(profile), fingerprint=fp, run_id=run,
+                                    tags={"quant_format": fmt, "gpu_arch": "sm_90", "gpu_name": gpu, "tp_size": 1,
+                                          "accuracy_degradation": degradation})[0]
+
+    h100 = register("h100", "NVIDIA H100 80GB HBM3", "int4_awq")
+    reg.promote(name="fleet", version=h100, alias="champion-sm90", challenger_alias="challenger-sm90")
+    h20 = register("h20", "NVIDIA H20")
+    assert reg.promote(name="fleet", version=h20, alias="champion-sm90",
+                       challenger_alias="challenger-sm90")["action"] == "challenger"
+    register("h200", "NVIDIA H200", degradation=0.02)
+
+    assert reg.resolve(name="fleet", arch="sm_90")["version"] == h100  # arch-level: the champion
+    by_h20 = reg.resolve(name="fleet", arch="sm_90", gpu_name="H20")
+    assert (by_h20["version"], by_h20["matched"]) == (h20, "gpu_name")
+    assert reg.resolve(name="fleet", arch="sm_90", gpu_name="H100")["matched"] == "gpu_name"
+    gh200 = reg.resolve(name="fleet", arch="sm_90", gpu_name="GH200")  # nothing built on one: the arch's champion
+    assert (gh200["version"], gh200["matched"]) == (h100, "arch")
+
+    result = CliRunner().invoke(app, ["resolve", "fleet", "--gpu", "H20"])
+    assert result.exit_code == 0, result.output
+    answer = json.loads(result.output[result.output.index("{"):])
+    assert answer["version"] == h20 and answer["tags"]["gpu_name"] == "NVIDIA H20"
+    answer = json.loads((r := CliRunner().invoke(app, ["resolve", "fleet", "--gpu", "sm_90"])).output[
+        r.output.index("{"):])
+    assert answer["version"] == h100 and answer["matched"] == "arch"

@@ -352,6 +352,7 @@ def test_manifest_pins_tensorrt_llm_and_a_version_change_is_refused(fake, tiny_m
     assert manifest["toolchain"]["tensorrt_llm"] == "1.3.0rc21" and "tensorrt" not in manifest["toolchain"]
     assert manifest["build_options"]["runtime"] == "pytorch"
     assert manifest["target"]["gpu_name"] == H100["gpu_name"] and manifest["target"]["driver"] == H100["driver"]
+    assert manifest["target"]["gpu_memory_gib"] == H100["gpu_memory_gib"]
     assert (Path(artifact.path) / "autotuner" / "autotuner_cache.json").is_file()
     assert build.verify_artifact(artifact.path, device=H100)["content_hash"] == artifact.fingerprint
 
