@@ -152,8 +152,11 @@ def test_the_dockerfile_pin_is_the_default_release():
 
     from tasks.targets import DEFAULT_TRTLLM_VERSION
 
-    dockerfile = (Path(__file__).parents[2] / "docker" / "trtllm.Dockerfile").read_text()
-    assert f"ARG TRTLLM_IMAGE=nvcr.io/nvidia/tensorrt-llm/release:{DEFAULT_TRTLLM_VERSION}\n" in dockerfile
+    root = Path(__file__).parents[2]
+    image = f"nvcr.io/nvidia/tensorrt-llm/release:{DEFAULT_TRTLLM_VERSION}"
+    assert f"ARG TRTLLM_IMAGE={image}\n" in (root / "docker" / "trtllm.Dockerfile").read_text()
+    for pinned in ("docker-compose.yml", "docker/gpu-host.compose.yml", ".env.example"):
+        assert image in (root / pinned).read_text(), pinned
 
 
 def test_gpu_names_match_whole_words():
