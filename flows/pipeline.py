@@ -11,19 +11,20 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from prefect import flow, task
+from prefect import Task, flow, task
 from prefect.cache_policies import NO_CACHE
 from prefect.states import Failed
 
+from flows import prefect_edge as edge
 from flows.stages import (build_task, calibrate_task, evaluate_task, gate_task, import_task, latency_task,
-                          quantize_task)
+                          quantize_task, result_of)
 from flows.quantize_flow import quantize_elsewhere
 from recipes.schema import load_recipe
 from registry import artifact_share
 from registry import mlflow_registry as registry
 from tasks import ladder, promote, quantize, store
 from tasks.build import BASELINE
-from tasks.evaluate import check_item_counts
+from tasks.evaluate import LM_EVAL_RESULTS, check_item_counts
 from tasks.quantize import QuantizationError
 from tasks.targets import make_plan
 
@@ -49,10 +50,15 @@ class RunRecord:
         log.info("%-9s %-28s %s", name, subject, "cache hit" if cached else f"{seconds:.1f} s")
 
 
+TASK_LABEL = {"accuracy": "evaluate"}  # the stage's name in Prefect task run names, e.g. "evaluate fp8@h100"
+
+
 def _timed(record: RunRecord, name: str, subject: str, fn, *args, **kwargs):
     log.info("▶ %s %s", name, subject)
     started = time.perf_counter()
-    result = fn(*args, **kwargs)
+    if isinstance(fn, Task):
+        fn = fn.with_options(task_run_name=f"{TASK_LABEL.get(name, name)} {subject}")
+    result = result_of(fn(*args, **kwargs))
     record.stage(name, subject, started, result)
     return result
 
@@ -71,6 +77,25 @@ def _validate(record: RunRecord, recipe, holdout, profile, device) -> tuple:
 def _row(fmt: str, target, arch: str, status: str, reason: str = "", **extra) -> dict:
     return {"format": fmt, "target": target.name, "arch": arch, "backend": target.backend, "status": status,
             "reason": reason, **extra}
+
+
+def _log_measurements(run_id: str, accuracy, latency, *, baseline=None, decision=None) -> None:
+    """Numbers as MLflow metrics (searchable, sortable): accuracy and latency percentiles; for a candidate also its
+    accuracy deltas against the baseline and every gate's value, bound, threshold and pass (1/0). lm-eval's own
+    results JSON goes with them."""
+    metrics = _metrics_of(accuracy, latency)
+    if baseline is not None:
+        metrics |= {f"delta.{task}.{k}": v - baseline.metrics[task][k] for task, vals in accuracy.metrics.items()
+                    for k, v in vals.items() if isinstance(baseline.metrics.get(task, {}).get(k), (int, float))}
+    if decision is not None:
+        metrics |= {f"gate.{v.gate}.{k}": getattr(v, k) for v in decision.verdicts
+                    for k in ("value", "bound", "threshold") if getattr(v, k) is not None}
+        metrics |= {f"gate.{v.gate}.pass": v.verdict == "pass" for v in decision.verdicts}
+        metrics["gates.pass"] = decision.status == "pass"
+    registry.log_metrics(run_id, metrics)
+    results = Path(accuracy.path) / LM_EVAL_RESULTS
+    if results.is_file():
+        registry.log_file(run_id, str(results), "lm_eval")
 
 
 def _metrics_of(accuracy, latency) -> dict:
@@ -101,7 +126,7 @@ def resolve_inputs(recipe_path: str, overrides: list[str] | None, model_location
     return recipe, base_dir
 
 
-@flow(name="certify", log_prints=True)
+@flow(name="certify", log_prints=True, flow_run_name=edge.flow_run_name)
 def certify(recipe_path: str, overrides: list[str] | None = None, model_location: str | None = None,
             model_version: str | None = None, targets: list[str] | None = None, dry_run: bool = False) -> dict:
     """Certify a model for every target in the recipe; returns the run record as a dict (the flow run is Failed,
@@ -119,18 +144,23 @@ def certify(recipe_path: str, overrides: list[str] | None = None, model_location
     recipe, base_dir = resolve_inputs(recipe_path, overrides, model_location, model_version, targets)
     device = store.local_device()
     plan = make_plan(recipe, device)
+    edge.tag_scheduled_run()
     if dry_run:
-        return {"dry_run": True, "pairs": [p.__dict__ for p in plan.pairs]}
+        pairs = [p.__dict__ for p in plan.pairs]
+        edge.publish_plan(recipe.name, pairs)
+        return {"dry_run": True, "pairs": pairs}
     store.sweep_temporaries()  # what writers killed on this host left behind
     artifact_share.enable()  # with a tracking server, stage outputs travel through its artifact store
     quantize_elsewhere(recipe_path, overrides, model_location, model_version)
     record = RunRecord()
+    run_name = f"certify-{time.strftime('%Y%m%d-%H%M%S')}"
     record.run_id = registry.start_pipeline_run(
-        experiment=recipe.name, run_name=f"certify-{time.strftime('%Y%m%d-%H%M%S')}", recipe_file=recipe_file,
+        experiment=recipe.name, run_name=run_name, recipe_file=recipe_file, source_name=str(Path(__file__).resolve()),
         recipe_digest=recipe.digest(), params={"formats": recipe.quantization.formats,
                                                "targets": [t.name for t in recipe.targets], "device": device["arch"]},
         tags={"model": recipe.model.slug, "model_version": model_version or "unversioned",
-              "toolchain": registry.dumps(store.toolchain())})
+              "toolchain": registry.dumps(store.toolchain())} | edge.mlflow_tags())
+    edge.publish_mlflow_link(recipe.name, registry.run_url(record.run_id), run_name)
     status = "FAILED"
     try:
         _certify(recipe, base_dir, device, plan, record)
@@ -178,7 +208,7 @@ def _publish_report(recipe, record: RunRecord) -> None:
     record.report = str(out)
     for file in out.parent.iterdir():
         registry.log_file(record.run_id, str(file), "report")
-    create_markdown_artifact(markdown=out.read_text(), key="decision-report",
+    create_markdown_artifact(markdown=out.read_text(), key=edge.artifact_key(recipe.name, "decision-report"),
                              description=f"{recipe.name}: decision per target (plots in the MLflow run's report/)")
 
 
@@ -207,25 +237,27 @@ def _check_calibration(recipe, model, calib, record: RunRecord):
         layers=report.layers_table(), metrics=report.metrics(), status=report.status,
         figure=rep.figure(report, sample_tokens=inputs["sample_tokens"], reference_tokens=inputs["reference_tokens"],
                           first_n_tokens=inputs["first_n_tokens"]))
-    _publish_representativeness(report)
+    _publish_representativeness(recipe.name, report)
     for message in rep.enforce(report):
         log.warning("calibration representativeness: %s", message)
     return report
 
 
-def _publish_representativeness(report) -> None:
+def _publish_representativeness(recipe_name: str, report) -> None:
     from prefect.context import FlowRunContext, TaskRunContext
 
     if FlowRunContext.get() is None and TaskRunContext.get() is None:
         return  # called outside a flow run: nowhere to attach artifacts (MLflow has the report)
     from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-    create_markdown_artifact(markdown=report.markdown(), key="calibration-representativeness",
+    create_markdown_artifact(markdown=report.markdown(),
+                             key=edge.artifact_key(recipe_name, "calibration-representativeness"),
                              description=f"calibration set representativeness: {report.status}")
-    create_table_artifact(table=report.strata_table(), key="calibration-strata",
+    create_table_artifact(table=report.strata_table(), key=edge.artifact_key(recipe_name, "calibration-strata"),
                           description="stratum shares: source vs calibration sample")
     if report.layers:
-        create_table_artifact(table=report.layers_table(), key="calibration-activation-ranges",
+        create_table_artifact(table=report.layers_table(),
+                              key=edge.artifact_key(recipe_name, "calibration-activation-ranges"),
                               description="Linear input abs-max: calibration sample vs held-out sample")
 
 
@@ -290,15 +322,15 @@ def _certify(recipe, base_dir, device, plan, record: RunRecord) -> None:
 def _certify_target(recipe, target, arch, pairs, model, calib, quantized, quant_errors, device, lineage,
                     record: RunRecord) -> None:
     load = recipe.gated_load
-    baseline = _timed(record, "build", f"{BASELINE}@{target.name}", build_task, model_slug=model.name,
-                      checkpoint_dir=model.path, checkpoint_fp=model.fingerprint, fmt=BASELINE, quant_algo=None,
-                      target=target, device=device)
-    base_acc, base_lat = _validate(record, recipe, calib, baseline, device)
-    base_run = registry.start_child_run(record.run_id, run_name=f"{BASELINE}@{target.name}",
-                                        params={"format": BASELINE, "target": target.name, "arch": arch},
-                                        tags={"role": "baseline", "artifact_fingerprint": baseline.fingerprint})
-    registry.log_metrics(base_run, _metrics_of(base_acc, base_lat))
-    registry.end_run(base_run)
+    # Each nested MLflow run spans its work (build, validation, gates): created first, ended when it is done.
+    with registry.child_run(record.run_id, run_name=f"{BASELINE}@{target.name}", tags={"role": "baseline"},
+                            params={"format": BASELINE, "target": target.name, "arch": arch}) as base_run:
+        baseline = _timed(record, "build", f"{BASELINE}@{target.name}", build_task, model_slug=model.name,
+                          checkpoint_dir=model.path, checkpoint_fp=model.fingerprint, fmt=BASELINE, quant_algo=None,
+                          target=target, device=device)
+        base_acc, base_lat = _validate(record, recipe, calib, baseline, device)
+        registry.set_tags(base_run, {"artifact_fingerprint": baseline.fingerprint})
+        _log_measurements(base_run, base_acc, base_lat)
     record.rows.append(_row(BASELINE, target, arch, "baseline", accuracy=base_acc.metrics, latency=base_lat.summary))
 
     rungs, profiles = [], {}
@@ -311,25 +343,22 @@ def _certify_target(recipe, target, arch, pairs, model, calib, quantized, quant_
                                     f"first_passing: {rungs[-1]['format']} already passed"))
             continue
         q = quantized[pair.format]
-        profile = _timed(record, "build", f"{pair.format}@{target.name}", build_task, model_slug=model.name,
-                         checkpoint_dir=quantize.checkpoint_for(q, target),
-                         checkpoint_fp=q.fingerprint, fmt=pair.format, quant_algo=q.quant_algo, target=target,
-                         device=device)
-        acc, lat = _validate(record, recipe, calib, profile, device)
-        decision = gate_task(baseline_items_file=base_acc.items_file, candidate_items_file=acc.items_file,
-                             baseline_latency=base_lat.summary[load], candidate_latency=lat.summary[load],
-                             gates=recipe.gates)
-        run_id = registry.start_child_run(
-            record.run_id, run_name=f"{pair.format}@{target.name}",
-            params={"format": pair.format, "target": target.name, "arch": arch, "quant_algo": q.quant_algo,
-                    "awq_block_size": q.awq_block_size, "kv_cache": recipe.quantization.kv_cache},
-            tags={"role": "candidate", "decision": decision.status, "artifact_fingerprint": profile.fingerprint})
-        registry.log_metrics(run_id, _metrics_of(acc, lat) | {
-            f"gate.{v.gate}.{k}": getattr(v, k) for v in decision.verdicts for k in ("value", "bound")
-            if getattr(v, k) is not None})
-        registry.log_dict(run_id, [v.as_dict() for v in decision.verdicts], "gates.json")
-        registry.log_dict(run_id, profile.manifest, "manifest.json")
-        registry.end_run(run_id)
+        with registry.child_run(
+                record.run_id, run_name=f"{pair.format}@{target.name}", tags={"role": "candidate"},
+                params={"format": pair.format, "target": target.name, "arch": arch, "quant_algo": q.quant_algo,
+                        "awq_block_size": q.awq_block_size, "kv_cache": recipe.quantization.kv_cache}) as run_id:
+            profile = _timed(record, "build", f"{pair.format}@{target.name}", build_task, model_slug=model.name,
+                             checkpoint_dir=quantize.checkpoint_for(q, target),
+                             checkpoint_fp=q.fingerprint, fmt=pair.format, quant_algo=q.quant_algo, target=target,
+                             device=device)
+            acc, lat = _validate(record, recipe, calib, profile, device)
+            decision = gate_task.with_options(task_run_name=f"gate {pair.format}@{target.name}")(
+                baseline_items_file=base_acc.items_file, candidate_items_file=acc.items_file,
+                baseline_latency=base_lat.summary[load], candidate_latency=lat.summary[load], gates=recipe.gates)
+            registry.set_tags(run_id, {"decision": decision.status, "artifact_fingerprint": profile.fingerprint})
+            _log_measurements(run_id, acc, lat, baseline=base_acc, decision=decision)
+            registry.log_dict(run_id, [v.as_dict() for v in decision.verdicts], "gates.json")
+            registry.log_dict(run_id, profile.manifest, "manifest.json")
         row = _row(pair.format, target, arch, decision.status, decision.reason, accuracy=acc.metrics,
                    latency=lat.summary, verdicts=[v.as_dict() for v in decision.verdicts], run_id=run_id)
         record.rows.append(row)

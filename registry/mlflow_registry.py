@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import mlflow
@@ -74,12 +76,27 @@ def _process_tags() -> dict[str, str]:
     return {PROCESS_TAGS[k]: v for k, v in liveness.identity().items()}
 
 
+def source_tags(source_name: str) -> dict:
+    """MLflow's standard run tags (mlflow.user, mlflow.source.name/type, mlflow.source.git.*), as the fluent API
+    sets them; the client API used here does not. The commit is this checkout's, wherever the process started."""
+    from mlflow.tracking.context.registry import resolve_tags
+    from mlflow.utils.mlflow_tags import MLFLOW_GIT_COMMIT, MLFLOW_SOURCE_NAME
+
+    tags = resolve_tags()
+    tags[MLFLOW_SOURCE_NAME] = source_name
+    commit = code_version()
+    if commit:
+        tags[MLFLOW_GIT_COMMIT] = commit
+    return tags
+
+
 def start_pipeline_run(*, experiment: str, run_name: str, recipe_file: Path, recipe_digest: str,
-                       params: dict, tags: dict) -> str:
+                       params: dict, tags: dict, source_name: str = "enginewright") -> str:
     c = client()
     run = c.create_run(experiment_id(experiment), run_name=run_name,
-                       tags={"recipe_sha": recipe_digest, "code_version": code_version() or "unknown",
-                             **_process_tags(), **tags})
+                       tags=source_tags(source_name) | {"recipe_sha": recipe_digest,
+                                                        "code_version": code_version() or "unknown",
+                                                        **_process_tags(), **tags})
     rid = run.info.run_id
     c.log_batch(rid, params=[mlflow.entities.Param(k, str(v)[:6000]) for k, v in params.items()])
     c.log_artifact(rid, str(recipe_file), "recipe")
@@ -87,19 +104,47 @@ def start_pipeline_run(*, experiment: str, run_name: str, recipe_file: Path, rec
 
 
 def start_child_run(parent_run_id: str, *, run_name: str, params: dict, tags: dict) -> str:
+    """A nested run under the pipeline run, with the parent's source, user and Prefect tags."""
     c = client()
     parent = c.get_run(parent_run_id)
+    inherited = {k: v for k, v in parent.data.tags.items() if k.startswith(("mlflow.source.", "mlflow.user", "prefect."))}
     run = c.create_run(parent.info.experiment_id, run_name=run_name,
-                       tags={"mlflow.parentRunId": parent_run_id, **_process_tags(), **tags})
+                       tags=inherited | {"mlflow.parentRunId": parent_run_id, **_process_tags(), **tags})
     c.log_batch(run.info.run_id, params=[mlflow.entities.Param(k, str(v)[:6000]) for k, v in params.items()])
     return run.info.run_id
 
 
-def log_metrics(run_id: str, metrics: dict) -> None:
-    clean = [mlflow.entities.Metric(k, float(v), 0, 0) for k, v in metrics.items()
-             if isinstance(v, (int, float)) and v == v]
-    if clean:
-        client().log_batch(run_id, metrics=clean)
+@contextmanager
+def child_run(parent_run_id: str, *, run_name: str, params: dict, tags: dict):
+    """A nested run that spans the work inside the block: FINISHED when it completes, FAILED when it raises."""
+    run_id = start_child_run(parent_run_id, run_name=run_name, params=params, tags=tags)
+    try:
+        yield run_id
+    except BaseException:
+        end_run(run_id, "FAILED")
+        raise
+    end_run(run_id)
+
+
+def set_tags(run_id: str, tags: dict) -> None:
+    client().log_batch(run_id, tags=[mlflow.entities.RunTag(k, str(v)[:5000]) for k, v in tags.items()
+                                     if v is not None])
+
+
+def log_metrics(run_id: str, metrics: dict, step: int = 0) -> None:
+    """Numbers as MLflow metrics, stamped with the time they were logged (not 0: the UI plots them over time)."""
+    now = int(time.time() * 1000)
+    clean = [mlflow.entities.Metric(k, float(v), now, step) for k, v in metrics.items()
+             if isinstance(v, (int, float)) and v == v]  # bools become 1.0/0.0; NaN is dropped
+    for i in range(0, len(clean), 1000):  # MLflow's batch limit
+        client().log_batch(run_id, metrics=clean[i:i + 1000])
+
+
+def run_url(run_id: str) -> str:
+    """The run's page in the MLflow UI (for a local SQLite store: where `mlflow ui` serves it)."""
+    run = client().get_run(run_id)
+    base = tracking_uri() if tracking_uri().startswith(("http://", "https://")) else "http://127.0.0.1:5000"
+    return f"{base.rstrip('/')}/#/experiments/{run.info.experiment_id}/runs/{run_id}"
 
 
 def log_dict(run_id: str, data: dict | list, artifact_file: str) -> None:

@@ -22,6 +22,10 @@ from tasks import store
 log = logging.getLogger(__name__)
 
 TASK_DIR = Path(__file__).parent / "lm_eval_tasks"
+LM_EVAL_RESULTS = "lm_eval_results.json"
+# lm-eval's stderr: analytic for means (acc), bootstrap only for its bootstrappable metrics; 0 would turn it off.
+# The gates use their own paired bootstrap over items (tasks/gates.py); this is the harness's own report.
+STDERR_BOOTSTRAP = 1000
 EVAL_SEED = 1234
 
 
@@ -161,6 +165,15 @@ def evaluate(*, profile_dir: str, profile_fp: str, backend_name: str, spec: Eval
                           manifest["seconds"], cached)
 
 
+def _write_lm_eval_results(results: dict, path: Path) -> None:
+    """lm-eval's own results JSON (results with stderr, task configs, versions, n-samples, its run config), as its
+    CLI writes it, minus the per-item samples (kept in items.parquet)."""
+    from lm_eval.utils import handle_non_serializable
+
+    path.write_text(json.dumps({k: v for k, v in results.items() if k != "samples"}, indent=2,
+                               default=handle_non_serializable, ensure_ascii=False))
+
+
 def _run(profile_dir, backend_name, spec, inputs, key, out) -> dict:
     import time
 
@@ -179,9 +192,10 @@ def _run(profile_dir, backend_name, spec, inputs, key, out) -> dict:
                                                  max_length=spec.max_length) as lm:
             results = lm_eval.simple_evaluate(model=lm, tasks=configs, task_manager=manager,
                                               limit=spec.limit if hub_tasks else None, log_samples=True,
-                                              bootstrap_iters=0)
+                                              bootstrap_iters=STDERR_BOOTSTRAP)
         rows = [r for task in results["samples"] for r in per_item_rows(task, results["samples"][task])]
         pd.DataFrame(rows).to_parquet(tmp / "items.parquet", index=False)
+        _write_lm_eval_results(results, tmp / LM_EVAL_RESULTS)
         metrics = {task: {k.split(",")[0]: v for k, v in vals.items()
                           if isinstance(v, (int, float)) and not k.startswith("sample_len") and "_stderr" not in k}
                    for task, vals in results["results"].items()}

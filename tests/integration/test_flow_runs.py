@@ -1,5 +1,5 @@
-"""Every calibration source through the real flow with MLflow logging on (tiny model, small limits), and the run's
-outcome as a flow state and an exit code."""
+"""The real certify flow on a tiny model with small limits, MLflow logging on: every calibration source; the run's
+outcome as a flow state and an exit code; and what a run shows in Prefect and MLflow, each pointing at the other."""
 
 import json
 
@@ -144,3 +144,91 @@ def test_too_few_held_out_items_stop_the_run_as_bad_input_before_quantizing(pref
     assert out.exit_code == EXIT_BAD_INPUT == 2, out.output
     assert "evaluation.limit=100, but the held-out split" in out.stderr
     assert "quantize" not in out.output  # stopped before any quantization
+
+
+def _api(method: str, path: str, body: dict | None = None):
+    """The Prefect REST API as the UI reads it."""
+    import asyncio
+
+    from prefect.client.orchestration import get_client
+
+    async def go():
+        async with get_client() as client:
+            answer = await client._client.request(method, path, json=body)
+            answer.raise_for_status()
+            return answer.json()
+    return asyncio.run(go())
+
+
+def _artifacts(flow_run_id) -> list[dict]:
+    return _api("POST", "/artifacts/filter", {"flow_runs": {"id": {"any_": [str(flow_run_id)]}}, "limit": 200,
+                                               "sort": "CREATED_DESC"})
+
+
+def test_prefect_and_mlflow_point_at_each_other(prefect_harness, shared_home, tiny_model_dir, tmp_path, monkeypatch):
+    from flows.pipeline import certify
+    from registry import mlflow_registry as registry
+
+    monkeypatch.setenv("ENGINEWRIGHT_HOME", str(shared_home))
+    recipe = _recipe(tmp_path, tiny_model_dir, {"source": "pydoc_topics"}, name="Links Demo")
+    first = certify(recipe, model_version="7", return_state=True)
+    second = certify(recipe, model_version="7", return_state=True)  # every heavy stage a cache hit
+    result = second.result()
+    runs = {s: _api("GET", f"/flow_runs/{s.state_details.flow_run_id}") for s in (first, second)}
+    assert runs[second]["name"] == "recipe 7"  # recipe file stem + model version
+    second_id = runs[second]["id"]
+
+    tasks = {t["name"]: t["state"]["name"] for t in _api("POST", "/task_runs/filter", {
+        "flow_runs": {"id": {"any_": [second_id]}}, "limit": 200, "sort": "EXPECTED_START_TIME_ASC"})}
+    for name in ("build fp8@local", "evaluate fp8@local", "latency fp8@local", "gate fp8@local",
+                 "evaluate none@local", "calibrate pydoc_topics", "quantize fp8"):
+        assert name in tasks, sorted(tasks)
+    assert tasks["evaluate fp8@local"] == tasks["quantize fp8"] == "Cached" and tasks["gate fp8@local"] == "Completed"
+
+    artifacts = {a["key"]: a for a in _artifacts(second_id)}
+    assert {"links-demo-mlflow-run", "links-demo-decision-report", "links-demo-calibration-representativeness"} \
+        <= set(artifacts)
+    assert result["run_id"] in artifacts["links-demo-mlflow-run"]["data"]
+
+    c = registry.client()
+    run = c.get_run(result["run_id"])
+    assert run.data.tags["prefect.flow_run_id"] == second_id
+    assert run.data.tags["prefect.flow_run_name"] == "recipe 7"
+    assert run.data.tags["mlflow.user"] and run.data.tags["mlflow.source.name"].endswith("pipeline.py")
+    assert run.data.tags["mlflow.source.git.commit"] == registry.code_version()
+
+    children = {r.info.run_name: r for r in c.search_runs(
+        [run.info.experiment_id], f"tags.mlflow.parentRunId = '{run.info.run_id}'")}
+    candidate = children["fp8@local"]
+    assert candidate.data.tags["prefect.flow_run_id"] == second_id
+    metrics = candidate.data.metrics
+    assert metrics["gates.pass"] == 1.0 and metrics["gate.holdout_perplexity.pass"] == 1.0
+    assert "gate.holdout_perplexity.bound" in metrics and "delta.holdout_perplexity.word_perplexity" in metrics
+    assert any(k.startswith("latency.concurrency_1.ttft_ms_p95") for k in metrics)
+    history = c.get_metric_history(candidate.info.run_id, "gates.pass")
+    assert history[0].timestamp >= run.info.start_time > 0  # a real time, not 1970
+    assert [a.path for a in c.list_artifacts(candidate.info.run_id, "lm_eval")] == ["lm_eval/lm_eval_results.json"]
+    lm_eval = json.loads(open(c.download_artifacts(candidate.info.run_id, "lm_eval/lm_eval_results.json",
+                                                    str(tmp_path))).read())
+    assert "holdout_perplexity" in lm_eval["results"] and "configs" in lm_eval and "config" in lm_eval
+
+    # nested runs span their work: created before it, ended after it
+    first_run = c.get_run(first.result()["run_id"])
+    first_children = {r.info.run_name: r for r in c.search_runs(
+        [run.info.experiment_id], f"tags.mlflow.parentRunId = '{first_run.info.run_id}'")}
+    stages = {(s["stage"], s["subject"]): s for s in first.result()["stages"]}
+    work = stages[("accuracy", "fp8@local")]
+    fp8 = first_children["fp8@local"].info
+    assert fp8.start_time / 1000 <= work["started_at"] and fp8.end_time / 1000 >= work["started_at"] + work["seconds"]
+
+
+def test_a_dry_run_publishes_its_plan_as_a_table(prefect_harness, shared_home, tiny_model_dir, tmp_path, monkeypatch):
+    from flows.pipeline import certify
+
+    monkeypatch.setenv("ENGINEWRIGHT_HOME", str(shared_home))
+    state = certify(_recipe(tmp_path, tiny_model_dir, {"source": "pydoc_topics"}, name="Plan Demo"), dry_run=True,
+                    return_state=True)
+    run_id = state.state_details.flow_run_id
+    [table] = _artifacts(run_id)
+    assert table["key"] == "plan-demo-plan" and table["type"] == "table" and "fp8" in str(table["data"])
+    assert _api("GET", f"/flow_runs/{run_id}")["name"] == "recipe unversioned dry-run"
