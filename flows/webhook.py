@@ -16,22 +16,26 @@ them (each run's idempotency key, webhook-<delivery_id>-<deployment>, makes Pref
 created instead of starting a second one).
 
 Answers: 202 runs started {"flow_run_ids": [...], ...}; 200 already handled (the same ids); 400 malformed or
-invalid JSON ({"field": ...} names the field); 401 missing or wrong signature, or a timestamp further than the
-tolerance from now; 404 no recipe follows the model; 413 body too large; 502 the Prefect API refused (nothing is
+invalid JSON ({"field": ...} names the field); 401 missing or wrong signature, or a timestamp that is not 1-12 ASCII
+digits or is further than the tolerance from now; 404 no recipe follows the model; 408 body not received in time;
+413 body too large; 502 the Prefect API refused (nothing is
 recorded, so the CI system may retry; each run's idempotency key keeps a retry from starting a run twice).
 
 Settings (environment): ENGINEWRIGHT_WEBHOOK_SECRET (required, at least 16 characters),
-ENGINEWRIGHT_WEBHOOK_TOLERANCE_S (300), ENGINEWRIGHT_WEBHOOK_MAX_BYTES (65536), ENGINEWRIGHT_WEBHOOK_DB
+ENGINEWRIGHT_WEBHOOK_TOLERANCE_S (300), ENGINEWRIGHT_WEBHOOK_MAX_BYTES (65536),
+ENGINEWRIGHT_WEBHOOK_BODY_TIMEOUT_S (10), ENGINEWRIGHT_WEBHOOK_DB
 (default $ENGINEWRIGHT_HOME/webhook/deliveries.db: the delivery ids already handled).
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import json
 import logging
 import os
+import re
 import sqlite3
 import threading
 import time
@@ -48,6 +52,8 @@ from starlette.routing import Route
 log = logging.getLogger("enginewright.webhook")
 
 PATH = "/hooks/model-version"
+TIMESTAMP_RE = re.compile(r"[0-9]{1,12}")
+MAX_JSON_DEPTH = 32  # the event is a flat object; deeper JSON is refused before parsing (json recurses per level)
 SIGNATURE_HEADER = "X-Enginewright-Signature"
 TIMESTAMP_HEADER = "X-Enginewright-Timestamp"
 
@@ -73,6 +79,7 @@ class Settings:
     tolerance_s: int = 300
     max_bytes: int = 64 * 1024
     db_path: Path = Path("deliveries.db")
+    body_timeout_s: float = 10.0  # a client that has not sent its whole body by then gets 408 and is dropped
 
     @classmethod
     def from_env(cls) -> "Settings":
@@ -84,7 +91,8 @@ class Settings:
                              "(e.g. `openssl rand -hex 32`)")
         db = os.environ.get("ENGINEWRIGHT_WEBHOOK_DB") or store.home() / "webhook" / "deliveries.db"
         return cls(secret=secret.encode(), tolerance_s=int(os.environ.get("ENGINEWRIGHT_WEBHOOK_TOLERANCE_S", 300)),
-                   max_bytes=int(os.environ.get("ENGINEWRIGHT_WEBHOOK_MAX_BYTES", 64 * 1024)), db_path=Path(db))
+                   max_bytes=int(os.environ.get("ENGINEWRIGHT_WEBHOOK_MAX_BYTES", 64 * 1024)), db_path=Path(db),
+                   body_timeout_s=float(os.environ.get("ENGINEWRIGHT_WEBHOOK_BODY_TIMEOUT_S", 10)))
 
 
 def sign(secret: bytes, timestamp: int | str, body: bytes) -> str:
@@ -97,8 +105,8 @@ def check_signature(secret: bytes, timestamp: str | None, signature: str | None,
     """Why the request is not authentic, or None when it is. Compares in constant time."""
     if not timestamp or not signature:
         return f"missing {TIMESTAMP_HEADER} or {SIGNATURE_HEADER} header"
-    if not timestamp.isdigit():
-        return f"{TIMESTAMP_HEADER} must be unix seconds"
+    if not TIMESTAMP_RE.fullmatch(timestamp):  # ASCII digits only ('¹²³'.isdigit() is True), and not 5000 of them
+        return f"{TIMESTAMP_HEADER} must be unix seconds (1 to 12 ASCII digits)"
     expected = sign(secret, timestamp, body).encode()
     if not hmac.compare_digest(expected, signature.strip().encode("latin-1", "replace")):
         return "signature does not match the body"
@@ -170,6 +178,36 @@ async def _read_limited(request: Request, limit: int) -> bytes | None:
     return bytes(body)
 
 
+def _depth(body: bytes) -> int:
+    """Deepest bracket nesting, ignoring brackets inside strings (a linear scan; no recursion)."""
+    depth = deepest = 0
+    in_string = escaped = False
+    for byte in body:
+        if in_string:
+            escaped, in_string = (False, True) if escaped else (byte == 0x5C, byte != 0x22)
+        elif byte == 0x22:
+            in_string = True
+        elif byte in (0x5B, 0x7B):
+            depth += 1
+            deepest = max(deepest, depth)
+        elif byte in (0x5D, 0x7D):
+            depth -= 1
+    return deepest
+
+
+def parse_json(body: bytes) -> tuple[object, str | None]:
+    """The body as JSON, or why it is not acceptable JSON: a signed body is still untrusted input (huge integers
+    and deep nesting make the json module raise ValueError or RecursionError, not JSONDecodeError)."""
+    if _depth(body) > MAX_JSON_DEPTH:
+        return None, f"JSON nested deeper than {MAX_JSON_DEPTH} levels"
+    try:
+        return json.loads(body), None
+    except UnicodeDecodeError as exc:
+        return None, f"not UTF-8 JSON: {exc}"
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError, int digit limit, nesting
+        return None, f"not JSON: {str(exc)[:200]}"
+
+
 def _invalid(exc: ValidationError) -> JSONResponse:
     first = exc.errors()[0]
     field = ".".join(str(p) for p in first["loc"]) or "(body)"
@@ -191,7 +229,11 @@ def create_app(routes: dict[str, list[str]], settings: Settings, launcher: Launc
     deliveries = DeliveryLog(settings.db_path)
 
     async def receive(request: Request) -> JSONResponse:
-        body = await _read_limited(request, settings.max_bytes)
+        try:
+            body = await asyncio.wait_for(_read_limited(request, settings.max_bytes), settings.body_timeout_s)
+        except asyncio.TimeoutError:
+            log.warning("rejected: body not received within %.0f s", settings.body_timeout_s)
+            return _error(408, f"body not received within {settings.body_timeout_s:.0f} s")
         if body is None:
             log.warning("rejected: body larger than %d bytes", settings.max_bytes)
             return _error(413, f"body larger than {settings.max_bytes} bytes")
@@ -201,10 +243,9 @@ def create_app(routes: dict[str, list[str]], settings: Settings, launcher: Launc
         if problem:
             log.warning("rejected: %s", problem)
             return _error(401, problem)
-        try:
-            data = json.loads(body)
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            return _error(400, f"(body): not JSON: {exc}", field="(body)")
+        data, problem = parse_json(body)
+        if problem:
+            return _error(400, f"(body): {problem}", field="(body)")
         if not isinstance(data, dict):
             return _error(400, "(body): must be a JSON object", field="(body)")
         try:

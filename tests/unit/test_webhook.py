@@ -278,3 +278,47 @@ def test_a_delivery_interrupted_before_it_was_confirmed_gets_its_run_on_retry(tm
     again = post(make_client(tmp_path, prefect), event(), timestamp=NOW + 60)
     assert again.status_code == 200 and again.json()["flow_run_ids"] == [run_id]
     assert len(prefect.calls) == 1  # handled now: the third delivery asks Prefect for nothing
+
+
+@pytest.mark.parametrize("timestamp", ["9" * 5000, "¹²³", "１２３"])
+def test_pathological_signed_timestamps_are_refused_not_a_server_error(tmp_path, timestamp):
+    raw = json.dumps(event()).encode()
+    wire = timestamp.encode()  # what a client sends; the receiver reads it back as latin-1 text
+    headers = [(webhook.TIMESTAMP_HEADER.encode(), wire),
+               (webhook.SIGNATURE_HEADER.encode(), webhook.sign(SECRET, wire.decode("latin-1"), raw).encode())]
+    answer = make_client(tmp_path).post(webhook.PATH, content=raw, headers=headers)
+    assert answer.status_code == 401 and "1 to 12 ASCII digits" in answer.json()["error"]
+
+
+@pytest.mark.parametrize("body", [b'{"delivery_id": "ci-1", "model": "smollm2-135m", "version": ' + b"9" * 5000 + b"}",
+                                  b"[" * 20000 + b"]" * 20000,
+                                  b'{"a": ' * 20000 + b"1" + b"}" * 20000,
+                                  b'{"version": "' + b"[" * 100 + b'", "delivery_id": "ci-1"}'])
+def test_pathological_signed_bodies_are_400_not_500(tmp_path, body):
+    prefect = FakePrefect()
+    answer = post(make_client(tmp_path, prefect, max_bytes=256 * 1024), body)
+    assert answer.status_code == 400, answer.text
+    assert answer.json()["field"] in ("(body)", "model") and prefect.calls == []
+
+
+def test_a_body_that_never_finishes_is_timed_out_with_408(tmp_path):
+    import asyncio
+    import time
+
+    import httpx
+
+    settings = webhook.Settings(secret=SECRET, max_bytes=4096, db_path=tmp_path / "d.db", body_timeout_s=0.5)
+    app = webhook.create_app(ROUTES, settings, FakePrefect(), clock=lambda: NOW)
+
+    async def trickle():
+        yield b'{"delivery_id": '
+        await asyncio.sleep(30)  # a client that holds the connection open
+        yield b'"ci-1"}'
+
+    async def go():
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://hook") as client:
+            return await client.post(webhook.PATH, content=trickle(), headers={
+                webhook.TIMESTAMP_HEADER: str(NOW), webhook.SIGNATURE_HEADER: "sha256=00"})
+    started = time.monotonic()
+    answer = asyncio.run(go())
+    assert answer.status_code == 408 and time.monotonic() - started < 5
