@@ -175,9 +175,10 @@ def _rule_reason(rules, kind: str, what: str, sm: int, runtime: str, release: st
 
 
 def invalid_reason(fmt: str, arch: str, *, backend: str, quant_device: str, engine: str = "profile",
-                   kv_cache: str = "none", release: str | None = None) -> str | None:
+                   kv_cache: str = "none", release: str | None = None, kv_cache_dtype: str = "auto") -> str | None:
     """Why this format cannot be built/served for this arch, backend, engine kind and TensorRT-LLM release (None:
-    it can). `release` is the target image's TensorRT-LLM version (trtllm backend only)."""
+    it can). `release` is the target image's TensorRT-LLM version (trtllm backend only); `kv_cache` the recipe's KV
+    quantization, `kv_cache_dtype` the target's runtime KvCacheConfig.dtype (PyTorch runtime)."""
     sm = sm_number(arch)
     if sm is None and backend == "trtllm":
         return f"TensorRT-LLM runs only on NVIDIA GPUs; target is {arch}"
@@ -189,6 +190,9 @@ def invalid_reason(fmt: str, arch: str, *, backend: str, quant_device: str, engi
             return why
         if kv_cache != "none" and runtime != "reference" and (
                 why := _rule_reason(KV_CACHE_RULES, "KV cache", kv_cache, sm, runtime, release, arch)):
+            return why
+        if kv_cache_dtype != "auto" and runtime == "pytorch" and (
+                why := _rule_reason(KV_CACHE_RULES, "kv_cache_dtype", kv_cache_dtype, sm, runtime, release, arch)):
             return why
     if fmt in CUDA_CALIBRATION and quant_device != "cuda":
         return CUDA_CALIBRATION[fmt]
@@ -252,7 +256,7 @@ def make_plan(recipe, local: dict, *, dispatch: bool = False) -> Plan:
         for fmt in recipe.quantization.formats:
             reason = invalid_reason(fmt, arch, backend=target.backend, quant_device=local["device"],
                                     engine=target.engine, kv_cache=recipe.quantization.kv_cache,
-                                    release=target_release(target))
+                                    release=target_release(target), kv_cache_dtype=target.kv_cache_dtype)
             reason = reason or plan.unplaced.get(target.name)
             plan.pairs.append(Pair(fmt, target.name, arch, reason))
     return plan

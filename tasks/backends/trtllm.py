@@ -211,7 +211,7 @@ def _check_target(target, device: dict, quant: dict | None, release: str, checkp
                           f"certifies ({', '.join(FORMAT_OF_QUANT_ALGO)})")
     why = invalid_reason(FORMAT_OF_QUANT_ALGO[algo], device["arch"], backend=NAME, quant_device="cuda",
                          engine=target.engine, kv_cache=KV_OF_QUANT_ALGO.get(kv, "none"),
-                         release=release) if algo else None
+                         release=release, kv_cache_dtype=target.kv_cache_dtype) if algo else None
     if why is None and not algo and target.engine == "legacy":
         why = engine_reason("legacy", release)
     if why:

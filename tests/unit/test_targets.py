@@ -145,6 +145,9 @@ def test_kv_cache_rules_follow_the_hardware_table():
     assert reasons["b200"] is None and "KV cache nvfp4_cast" in reasons["h100"] and "sm_120" in reasons["rtx5090"]
     assert "needs CUDA" in make_plan(nvfp4_kv.model_copy(update={"targets": nvfp4_kv.targets[1:2]}), CPU,
                                      dispatch=True).pairs[0].skip_reason
+    runtime_nvfp4 = recipe(["fp8"], [dict(t, kv_cache_dtype="nvfp4") for t in FLEET])
+    reasons = {p.target: p.skip_reason for p in make_plan(runtime_nvfp4, H100, dispatch=True).pairs}
+    assert reasons["b200"] is None and "kv_cache_dtype nvfp4" in reasons["h100"]
 
 
 def test_the_dockerfile_pin_is_the_default_release():
