@@ -181,14 +181,25 @@ def print_summary(result: dict) -> None:
         table.add_row(row["format"], row["target"], ppl_cell, cloze_cell,
                       f"{_fmt(lat.get('ttft_ms_p50'))}/{_fmt(lat.get('ttft_ms_p95'))}",
                       f"{_fmt(lat.get('tpot_ms_p50'))}/{_fmt(lat.get('tpot_ms_p95'))}",
-                      _fmt(lat.get("output_tokens_per_s")), f"[{style}]{verdict}[/{style}]" if style else verdict,
+                      _fmt(lat.get("output_tokens_per_s")) + ("*" if row.get("latency_note") else ""),
+                      f"[{style}]{verdict}[/{style}]" if style else verdict,
                       " ".join(x for x in (row.get("registry"), row.get("alias")) if x) or "")
     console.print(table)
+    if any(r.get("latency_note") for r in result["rows"]):
+        console.print("  * reference runtime (fake quantization): not a deployment number; latency shown, not deciding",
+                      highlight=False)
     for row in result["rows"]:
         if row["status"] in ("fail", "undecided"):
             console.print(f"  {row['format']}@{row['target']} {row['status']}: {row['reason']}", highlight=False)
     for target, decision in result.get("decisions", {}).items():
         console.print(f"decision for {target}: {decision['reason']}", highlight=False)
+        if decision.get("latency_note"):
+            console.print(f"[yellow]latency on {target} did not decide[/yellow]: {decision['latency_note']}",
+                          highlight=False)
+    for row in result["rows"]:
+        host = row.get("latency", {}).get(load, {}).get("host_load") or {}
+        if host and not host.get("reliable"):
+            console.print(f"  [yellow]{row['format']}@{row['target']} latency {host['note']}[/yellow]", highlight=False)
     for p in result["promotions"]:
         console.print(f"registry: {p['registered_model']} v{p['version']} -> alias {p['alias']} ({p['action']})")
     if not result["promotions"]:

@@ -22,7 +22,7 @@ from flows.quantize_flow import quantize_elsewhere
 from recipes.schema import load_recipe
 from registry import artifact_share
 from registry import mlflow_registry as registry
-from tasks import ladder, promote, quantize, store
+from tasks import gates, ladder, promote, quantize, store
 from tasks.build import BASELINE
 from tasks.evaluate import LM_EVAL_RESULTS, check_item_counts
 from tasks.quantize import QuantizationError
@@ -322,6 +322,7 @@ def _certify(recipe, base_dir, device, plan, record: RunRecord) -> None:
 def _certify_target(recipe, target, arch, pairs, model, calib, quantized, quant_errors, device, lineage,
                     record: RunRecord) -> None:
     load = recipe.gated_load
+    speed_note = gates.latency_note(target.backend, recipe.gates)  # None: latency decides on this target
     # Each nested MLflow run spans its work (build, validation, gates): created first, ended when it is done.
     with registry.child_run(record.run_id, run_name=f"{BASELINE}@{target.name}", tags={"role": "baseline"},
                             params={"format": BASELINE, "target": target.name, "arch": arch}) as base_run:
@@ -329,9 +330,11 @@ def _certify_target(recipe, target, arch, pairs, model, calib, quantized, quant_
                           checkpoint_dir=model.path, checkpoint_fp=model.fingerprint, fmt=BASELINE, quant_algo=None,
                           target=target, device=device)
         base_acc, base_lat = _validate(record, recipe, calib, baseline, device)
-        registry.set_tags(base_run, {"artifact_fingerprint": baseline.fingerprint})
+        registry.set_tags(base_run, {"artifact_fingerprint": baseline.fingerprint,
+                                     **gates.latency_tags(speed_note, base_lat.summary[load])})
         _log_measurements(base_run, base_acc, base_lat)
-    record.rows.append(_row(BASELINE, target, arch, "baseline", accuracy=base_acc.metrics, latency=base_lat.summary))
+    record.rows.append(_row(BASELINE, target, arch, "baseline", accuracy=base_acc.metrics, latency=base_lat.summary,
+                            latency_note=speed_note))
 
     rungs, profiles = [], {}
     for pair in pairs:
@@ -354,19 +357,26 @@ def _certify_target(recipe, target, arch, pairs, model, calib, quantized, quant_
             acc, lat = _validate(record, recipe, calib, profile, device)
             decision = gate_task.with_options(task_run_name=f"gate {pair.format}@{target.name}")(
                 baseline_items_file=base_acc.items_file, candidate_items_file=acc.items_file,
-                baseline_latency=base_lat.summary[load], candidate_latency=lat.summary[load], gates=recipe.gates)
-            registry.set_tags(run_id, {"decision": decision.status, "artifact_fingerprint": profile.fingerprint})
+                baseline_latency=base_lat.summary[load], candidate_latency=lat.summary[load], gates=recipe.gates,
+                latency_note=speed_note)
+            registry.set_tags(run_id, {"decision": decision.status, "artifact_fingerprint": profile.fingerprint,
+                                       **gates.latency_tags(speed_note, lat.summary[load])})
             _log_measurements(run_id, acc, lat, baseline=base_acc, decision=decision)
             registry.log_dict(run_id, [v.as_dict() for v in decision.verdicts], "gates.json")
             registry.log_dict(run_id, profile.manifest, "manifest.json")
         row = _row(pair.format, target, arch, decision.status, decision.reason, accuracy=acc.metrics,
-                   latency=lat.summary, verdicts=[v.as_dict() for v in decision.verdicts], run_id=run_id)
+                   latency=lat.summary, verdicts=[v.as_dict() for v in decision.verdicts], run_id=run_id,
+                   latency_note=speed_note)
         record.rows.append(row)
         rungs.append({"format": pair.format, "status": decision.status, "reason": decision.reason,
                       "latency": lat.summary[load]})
         profiles[pair.format] = (profile, decision, run_id, row)
-    choice = ladder.choose(rungs, strategy=recipe.ladder.strategy, metric=recipe.ladder.metric)
-    record.decisions[target.name] = {"format": choice.format, "reason": choice.reason}
+    choice = ladder.choose(rungs, strategy=recipe.ladder.strategy, metric=recipe.ladder.metric, arch=arch,
+                           speed_note=speed_note)
+    record.decisions[target.name] = {"format": choice.format, "reason": choice.reason,
+                                     "latency_decides": speed_note is None, "latency_note": speed_note}
+    registry.set_tags(record.run_id, {f"latency_decides.{target.name}": str(speed_note is None).lower(),
+                                      f"latency_note.{target.name}": speed_note or "deployment runtime"})
     log.info("%s: %s", target.name, choice.reason)
     passing = [profiles[r["format"]] for r in rungs if r["status"] == "pass"]
     _promote(recipe, target, arch, passing, choice, lineage, record)

@@ -266,6 +266,7 @@ class LatencyGates(Strict):
     ttft_p95_ms: float | None = Field(None, gt=0, description="SLO: p95 time to first token")
     tpot_p95_ms: float | None = Field(None, gt=0, description="SLO: p95 time per output token (first token excluded)")
     min_speedup: float | None = Field(None, ge=0, description="candidate output tokens/s over the baseline's on the same target, at the same load")
+    on_reference_runtime: bool = Field(False, description="let latency gates and speed ranking decide on the reference backend too. Its speed is transformers running fake quantization (every quantized format is slower than the baseline there), not a deployment number: by default it is measured and reported but decides nothing, and best_measured ranks by serving cost instead. Opt in only to test the gating machinery or when the reference runtime is what you serve")
 
 
 class GatesSpec(Strict):

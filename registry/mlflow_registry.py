@@ -295,13 +295,14 @@ def _rank(tags: dict) -> tuple:
     return (FORMAT_COST.get(tags.get("quant_format", ""), 8), float(tags.get("accuracy_degradation", "inf")))
 
 
-def promote(*, name: str, version: str, alias: str, challenger_alias: str, rank=None) -> dict:
+def promote(*, name: str, version: str, alias: str, challenger_alias: str, rank=None, compare=None) -> dict:
     """Move `alias` to `version` when it beats the current champion; otherwise point `challenger_alias` at it.
 
-    `rank(tags) -> tuple` orders versions, smaller is better (default: cheaper format, then smaller degradation).
-    Returns what happened.
+    `compare(candidate_tags, champion_tags) -> (wins, why)` decides; without it `rank(tags) -> tuple` orders
+    versions, smaller is better (default: cheaper format, then smaller degradation). Returns what happened.
     """
     rank = rank or _rank
+    compare = compare or (lambda cand, champ: (rank(cand) < rank(champ), "ranked by format cost, then accuracy loss"))
     c = client()
     candidate = c.get_model_version(name, version)
     try:
@@ -310,13 +311,15 @@ def promote(*, name: str, version: str, alias: str, challenger_alias: str, rank=
         champion = None
     if champion is not None and str(champion.version) == str(version):
         return {"alias": alias, "action": "kept", "version": version, "previous": version}
-    if champion is None or rank(candidate.tags) < rank(champion.tags):
+    wins, why = (True, "no champion yet") if champion is None else compare(candidate.tags, champion.tags)
+    if wins:
         c.set_registered_model_alias(name, alias, version)
         return {"alias": alias, "action": "moved", "version": version,
-                "previous": None if champion is None else str(champion.version)}
+                "previous": None if champion is None else str(champion.version), "reason": why}
     c.set_registered_model_alias(name, challenger_alias, version)
     return {"alias": challenger_alias, "action": "challenger", "version": version, "previous": str(champion.version),
-            "reason": f"champion v{champion.version} ({champion.tags.get('quant_format')}) ranks at least as well"}
+            "reason": f"champion v{champion.version} ({champion.tags.get('quant_format')}) ranks at least as well: "
+                      f"{why}"}
 
 
 class UnknownModel(LookupError):

@@ -27,6 +27,7 @@ import pandas as pd
 
 from recipes.schema import LatencySpec
 from tasks import store
+from tasks.host_load import LoadSampler
 
 log = logging.getLogger(__name__)
 PERCENTILES = (50, 90, 95, 99)
@@ -135,6 +136,27 @@ async def run_load(base_url: str, model: str, prompts: list[list[int]], *, outpu
         return list(records), time.perf_counter() - started
 
 
+def deployment_speed(backend_name: str) -> bool:
+    """Whether this backend's measured speed is what a deployment would see (its backend module declares it)."""
+    from tasks.build import backend
+
+    return bool(backend(backend_name).SPEED_IS_DEPLOYMENT)
+
+
+def speed_label(backend_name: str) -> str:
+    from tasks.build import backend
+
+    return getattr(backend(backend_name), "SPEED_LABEL", "")
+
+
+def conditions(manifest: dict, backend_name: str, load: str, spec: LatencySpec) -> str:
+    """What must match for two speed numbers to be compared: runtime, machine kind, load profile, request shape."""
+    target = manifest["target"]
+    machine = target.get("gpu_name") or store.local_device().get("cpu") or "cpu"
+    return (f"{backend_name}/{target['arch']}/{machine}/tp{target.get('tp', 1)}/{load}"
+            f"/in{spec.input_tokens}-out{spec.output_tokens}")
+
+
 def load_profiles(spec: LatencySpec) -> dict[str, dict]:
     return ({f"concurrency={c}": {"concurrency": c} for c in spec.concurrency}
             | {f"rate={r:g}": {"rate": r} for r in spec.request_rates})
@@ -177,15 +199,25 @@ def _run(profile_dir, backend_name, spec, holdout_file, key, out) -> dict:
                 warm, measured = prompts[:spec.warmup], prompts[spec.warmup:]
                 if warm:
                     asyncio.run(run_load(url, "profile", warm, output_tokens=spec.output_tokens, concurrency=1))
-                records, duration = asyncio.run(run_load(url, "profile", measured, output_tokens=spec.output_tokens,
-                                                         seed=spec.seed + i, **load))
+                with LoadSampler() as sampler:
+                    records, duration = asyncio.run(run_load(url, "profile", measured,
+                                                             output_tokens=spec.output_tokens, seed=spec.seed + i,
+                                                             **load))
                 chunks = sum(len(r["token_times"]) for r in records)
+                host = sampler.summary()
                 summary[name] = summarize(records, duration) | load | {
                     "client_parse_ms_per_chunk": 1000 * sum(r["parse_s"] for r in records) / max(chunks, 1),
-                    "errors": sorted({r["error"] for r in records if r["error"]})[:5]}
+                    "errors": sorted({r["error"] for r in records if r["error"]})[:5], "host_load": host,
+                    "host_foreign_cpu_cores": host.get("foreign_cpu_cores_mean"),
+                    "host_load_1m": host.get("load_1m_mean"), "host_reliable": host["reliable"],
+                    "conditions": conditions(manifest, backend_name, name, spec)}
+                if not host["reliable"]:
+                    log.warning("latency %s under %s: %s", Path(profile_dir).name, name, host["note"])
                 rows += [{"profile": name, "start": r["start"], "token_times": r["token_times"],
                           "output_tokens": r["output_tokens"], "error": r["error"]} for r in records]
         summary["runtime"] = f"{backend_name} ({manifest['target']['arch']})"
+        summary["deployment_speed"] = deployment_speed(backend_name)
+        summary["speed_label"] = speed_label(backend_name)
         summary["input_tokens"], summary["output_tokens_per_request"] = spec.input_tokens, spec.output_tokens
         pd.DataFrame(rows).to_parquet(tmp / "requests.parquet", index=False)
         return store.write_manifest(tmp, {"stage": "latency", "key": key, "summary": summary,

@@ -5,13 +5,15 @@ Accuracy gates compare candidate and baseline on the same items (paired bootstra
   - fail       when the bound exceeds the tolerance and the items resolve it;
   - undecided  when the interval is wider than the tolerance itself (too few items to decide at that tolerance).
 Degradation is the relative word-perplexity increase for perplexity tasks, the absolute score drop otherwise.
-Latency gates are SLOs on percentiles and a minimum speedup over the baseline on the same target.
+Latency gates are SLOs on percentiles and a minimum speedup over the baseline on the same target. They decide only
+where the speed is a deployment number (the backend says so) or the recipe opts in
+(`gates.latency.on_reference_runtime`); elsewhere they are computed and reported with `decides=False`.
 A candidate passes when every gate passes; any failure fails it; otherwise any undecided gate leaves it undecided.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 import pandas as pd
@@ -30,6 +32,7 @@ class GateVerdict:
     n: int | None
     verdict: str  # pass | fail | undecided
     reason: str
+    decides: bool = True  # False: reported only (latency measured on a runtime whose speed is not a deployment's)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -46,7 +49,7 @@ class Decision:
 
     @property
     def reason(self) -> str:
-        bad = [v for v in self.verdicts if v.verdict != "pass"]
+        bad = [v for v in self.verdicts if v.verdict != "pass" and v.decides]
         return "; ".join(f"{v.gate}: {v.reason}" for v in bad) or "all gates passed"
 
 
@@ -131,14 +134,41 @@ def latency_verdicts(baseline: dict, candidate: dict, gates: GatesSpec) -> list[
     return verdicts
 
 
+def latency_note(backend_name: str, gates: GatesSpec) -> str | None:
+    """Why latency may not decide on a target of this backend, or None when it may (the backend module declares
+    whether its speed is a deployment number)."""
+    from tasks.build import backend
+
+    impl = backend(backend_name)
+    if impl.SPEED_IS_DEPLOYMENT or gates.latency.on_reference_runtime:
+        return None
+    return (f"{impl.SPEED_LABEL}; measured and reported, not gated or ranked "
+            "(gates.latency.on_reference_runtime: true lets it decide)")
+
+
+def latency_tags(note: str | None, summary: dict) -> dict:
+    """What a run or registry version records about its latency numbers: whether they decide, the conditions they
+    were measured under, and the host's load then (compared before two versions' speeds are)."""
+    host = summary.get("host_load") or {}
+    return {"latency_decides": "false" if note else "true", "latency_note": note or "deployment runtime",
+            "latency_reliable": str(summary.get("host_reliable")).lower(),
+            "latency_conditions": summary.get("conditions"), "latency_host_load": host.get("note", "not recorded")}
+
+
 def decide(verdicts: list[GateVerdict]) -> Decision:
-    states = {v.verdict for v in verdicts}
+    states = {v.verdict for v in verdicts if v.decides}
     status = "fail" if "fail" in states else "undecided" if "undecided" in states else "pass"
     return Decision(status, verdicts)
 
 
 def gate(*, baseline_items_file: str, candidate_items_file: str, baseline_latency: dict, candidate_latency: dict,
-         gates: GatesSpec) -> Decision:
-    """All of a candidate's gate verdicts and the combined decision. Cheap; never cached."""
+         gates: GatesSpec, latency_note: str | None = None) -> Decision:
+    """All of a candidate's gate verdicts and the combined decision. Cheap; never cached.
+
+    latency_note: why latency may not decide here (see :func:`latency_note`); its verdicts are then reported only.
+    """
     base, cand = pd.read_parquet(baseline_items_file), pd.read_parquet(candidate_items_file)
-    return decide(accuracy_verdicts(base, cand, gates) + latency_verdicts(baseline_latency, candidate_latency, gates))
+    latency = latency_verdicts(baseline_latency, candidate_latency, gates)
+    if latency_note:
+        latency = [replace(v, decides=False, reason=f"{v.reason} (not deciding: {latency_note})") for v in latency]
+    return decide(accuracy_verdicts(base, cand, gates) + latency)

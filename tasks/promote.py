@@ -6,12 +6,13 @@ registered keeps its version."""
 from __future__ import annotations
 
 from registry import mlflow_registry as registry
-from tasks import ladder
+from tasks import gates, ladder
 
 
-def version_tags(*, recipe, target, arch: str, profile, decision, run_id: str, latency: dict, lineage: dict) -> dict:
+def version_tags(*, recipe, target, arch: str, profile, decision, run_id: str, latency: dict, lineage: dict,
+                 latency_note: str | None = None, extra: dict | None = None) -> dict:
     accuracy = [v for v in decision.verdicts if v.bound is not None]
-    return lineage | {
+    return lineage | gates.latency_tags(latency_note, latency) | (extra or {}) | {
         "gpu_arch": arch, "arch_slug": registry.arch_slug(arch), "target": target.name, "gpu_name": profile.manifest["target"].get("gpu_name") or "none",
         "gpu_memory_gib": profile.manifest["target"].get("gpu_memory_gib"),
         "tp_size": target.tp, "quant_format": profile.format, "quant_algo": profile.manifest.get("quant_algo"),
@@ -45,7 +46,8 @@ def promote(*, recipe, target, arch: str, passing: list[tuple], choice, lineage:
         if profile.format != choice.format:
             continue
         tags = version_tags(recipe=recipe, target=target, arch=arch, profile=profile, decision=decision,
-                            run_id=run_id, latency=row["latency"][recipe.gated_load], lineage=lineage)
+                            run_id=run_id, latency=row["latency"][recipe.gated_load], lineage=lineage,
+                            latency_note=row.get("latency_note"), extra=row.get("version_tags"))
         version, _ = registry.register_version(name=name, profile_dir=profile.path, fingerprint=profile.fingerprint,
                                                run_id=run_id, tags=tags | {"profile_path": profile.path},
                                                description=describe(recipe, target, arch, profile, decision))
@@ -54,8 +56,8 @@ def promote(*, recipe, target, arch: str, passing: list[tuple], choice, lineage:
         outcome = registry.promote(
             name=name, version=version, alias=registry.alias_for(recipe.registry.alias_prefix, arch, target.tp),
             challenger_alias=registry.alias_for("challenger", arch, target.tp),
-            rank=lambda t: ladder.rank_key(t, strategy=recipe.ladder.strategy, metric=recipe.ladder.metric,
-                                           format_cost=registry.FORMAT_COST))
+            compare=lambda cand, champ: ladder.compare_versions(cand, champ, strategy=recipe.ladder.strategy,
+                                                                metric=recipe.ladder.metric))
         row["alias"] = f"{outcome['alias']} ({outcome['action']})"
         outcomes.append({"registered_model": name, "target": target.name, **outcome})
     return outcomes

@@ -62,6 +62,14 @@ def _latency_plot(target: str, rows: list[dict], load: str, slos: dict, path: Pa
     plt.close(fig)
 
 
+def _host(summary: dict) -> str:
+    host = summary.get("host_load") or {}
+    if not host:
+        return ""
+    load = f"load {host.get('load_1m_mean', 0):.1f}, others {host.get('foreign_cpu_cores_mean', 0):.1f} cores"
+    return load if host.get("reliable") else f"**{host.get('note', 'unreliable')}** ({load})"
+
+
 def write_report(*, recipe, rows: list[dict], decisions: dict[str, dict], out_dir: Path) -> Path:
     """Write report.md and one pair of PNGs per target into out_dir; returns the Markdown file."""
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -77,8 +85,11 @@ def write_report(*, recipe, rows: list[dict], decisions: dict[str, dict], out_di
         decision = decisions.get(target, {})
         lines += [f"## Target `{target}` ({trows[0]['arch']})", "",
                   f"**Decision:** {decision.get('format') or 'nothing promoted'} — {decision.get('reason', '')}", ""]
-        lines += ["| format | status | perplexity Δ (bound) | cloze Δ (bound) | TTFT p50/p95 ms | TPOT p50/p95 ms | tok/s | reason |",
-                  "|---|---|---|---|---|---|---|---|"]
+        if decision.get("latency_note"):
+            lines += [f"**Latency did not decide:** {decision['latency_note']}. The latency columns and plots below "
+                      "are the reference runtime's speed, shown for information.", ""]
+        lines += ["| format | status | perplexity Δ (bound) | cloze Δ (bound) | TTFT p50/p95 ms | TPOT p50/p95 ms | tok/s | host load | reason |",
+                  "|---|---|---|---|---|---|---|---|---|"]
         for r in trows:
             v = {x["gate"]: x for x in r.get("verdicts", [])}
             lat = r.get("latency", {}).get(load, {})
@@ -95,6 +106,7 @@ def write_report(*, recipe, rows: list[dict], decisions: dict[str, dict], out_di
             lines.append(f"| {r['format']} | {r['status']} | {cell('holdout_perplexity', True)} | "
                          f"{cell('holdout_cloze', False)} | {num('ttft_ms_p50')}/{num('ttft_ms_p95')} | "
                          f"{num('tpot_ms_p50')}/{num('tpot_ms_p95')} | {num('output_tokens_per_s')} | "
+                         f"{_host(lat)} | "
                          f"{r.get('reason', '') if r['status'] not in ('pass', 'baseline') else ''} |")
         measured = [r for r in trows if r.get("latency")]
         if measured:

@@ -19,6 +19,10 @@ from tasks import store
 log = logging.getLogger(__name__)
 
 NAME = "reference"
+# Its speed is that of transformers running fake quantization, not of quantized kernels: measured and reported,
+# but it gates and ranks nothing unless a recipe opts in (gates.latency.on_reference_runtime).
+SPEED_IS_DEPLOYMENT = False
+SPEED_LABEL = "reference runtime (fake quantization): not a deployment number"
 # ModelOpt's quantized attention swaps transformers' module-level attention function in and out around every
 # forward pass; two models running at once in one process (parallel targets) can leave the swapped-in function
 # behind for every later model. So in-process model compute is serialised; served models run in their own process.

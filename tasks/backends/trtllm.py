@@ -43,6 +43,8 @@ from tasks.targets import FORMAT_OF_QUANT_ALGO, KV_OF_QUANT_ALGO, arch_of, engin
 log = logging.getLogger(__name__)
 
 NAME = "trtllm"
+SPEED_IS_DEPLOYMENT = True  # trtllm-serve with the quantized kernels: what a deployment serves
+SPEED_LABEL = "TensorRT-LLM (deployment runtime)"
 # Versions that pin a profile; `tensorrt` is recorded only where it is installed (TensorRT-LLM >= 1.3 dropped it).
 TOOLCHAIN_KEYS = ("tensorrt_llm", "tensorrt", "modelopt", "torch", "transformers")
 

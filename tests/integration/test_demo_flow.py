@@ -134,3 +134,26 @@ def test_a_damaged_cached_artifact_is_rebuilt_and_the_run_says_so(first_run, hom
     assert quantize and not quantize[0]["cached"]
     said = again["stdout"] + again["stderr"]
     assert f"{victim}: sha256" in said and "rebuilding" in said
+
+
+def test_reference_latency_does_not_decide_unless_the_recipe_opts_in(first_run, home):
+    strict = run_cli(home, "gates.latency.ttft_p95_ms=1")  # no runtime meets 1 ms
+    fp8 = next(r for r in strict["rows"] if r["format"] == "fp8")
+    assert fp8["status"] == "pass" and strict["promotions"]
+    ttft = next(v for v in fp8["verdicts"] if v["gate"] == "ttft_p95_ms")
+    assert ttft["verdict"] == "fail" and ttft["decides"] is False
+    assert "not a deployment number" in strict["decisions"]["local"]["latency_note"]
+    assert "latency on local did not decide" in strict["stdout"]
+    assert "Latency did not decide" in Path(strict["report"]).read_text()
+    assert fp8["latency"]["concurrency=1"]["host_load"]["samples"] >= 1
+
+    os.environ["ENGINEWRIGHT_HOME"] = str(home)
+    from registry import mlflow_registry as reg
+    run = reg.client().get_run(strict["run_id"])
+    assert run.data.tags["latency_decides.local"] == "false"
+    assert "not a deployment number" in run.data.tags["latency_note.local"]
+
+    opted_in = run_cli(home, "gates.latency.ttft_p95_ms=1", "gates.latency.on_reference_runtime=true")
+    fp8 = next(r for r in opted_in["rows"] if r["format"] == "fp8")
+    assert fp8["status"] == "fail" and "ttft_p95_ms" in fp8["reason"] and opted_in["promotions"] == []
+    assert opted_in["decisions"]["local"]["latency_decides"] is True

@@ -83,3 +83,30 @@ def test_decision_combines_fail_over_undecided_over_pass():
     assert gates.decide([mk("pass"), mk("undecided")]).status == "undecided"
     assert gates.decide([mk("undecided"), mk("fail")]).status == "fail"
     assert gates.decide([mk("pass")]).passed
+
+
+def latency_gates(**extra):
+    return GatesSpec.model_validate({"latency": {"ttft_p95_ms": 500, **extra}})
+
+
+def test_reference_runtime_latency_is_reported_but_does_not_decide(tmp_path):
+    note = gates.latency_note("reference", latency_gates())
+    assert "reference runtime (fake quantization): not a deployment number" in note
+    assert "on_reference_runtime" in note
+    items = ppl_items([-50.0, -60.0, -70.0] * 10)
+    items.to_parquet(tmp_path / "i.parquet")
+    slow = {"ttft_ms_p95": 2400.0, "requests": 4}
+    kw = dict(baseline_items_file=str(tmp_path / "i.parquet"), candidate_items_file=str(tmp_path / "i.parquet"),
+              baseline_latency={"ttft_ms_p95": 100.0}, candidate_latency=slow)
+    reported = gates.gate(**kw, gates=latency_gates(), latency_note=note)
+    assert reported.status == "pass"
+    [ttft] = reported.verdicts
+    assert ttft.verdict == "fail" and not ttft.decides and "not deciding" in ttft.reason
+    assert reported.reason == "all gates passed"
+    opted_in = latency_gates(on_reference_runtime=True)
+    assert gates.latency_note("reference", opted_in) is None
+    assert gates.gate(**kw, gates=opted_in, latency_note=None).status == "fail"
+
+
+def test_deployment_runtime_latency_decides():
+    assert gates.latency_note("trtllm", latency_gates()) is None

@@ -22,11 +22,16 @@ def test_report_shows_every_rung_the_decision_and_plots(tmp_path):
         {"format": "fp8", "target": "local", "arch": "cpu-x86_64", "status": "pass", "reason": "all gates passed",
          "latency": lat(5, 800), "verdicts": ppl(0.026, 0.036, "pass")},
     ]
-    path = write_report(recipe=recipe, rows=rows, decisions={"local": {"format": "fp8", "reason": "fp8 passed"}},
-                        out_dir=tmp_path)
+    rows[2]["latency"]["concurrency=4"]["host_load"] = {"reliable": False, "note": "unreliable: others busy",
+                                                        "load_1m_mean": 3.1, "foreign_cpu_cores_mean": 1.4}
+    note = "reference runtime (fake quantization): not a deployment number; measured and reported"
+    path = write_report(recipe=recipe, rows=rows, out_dir=tmp_path,
+                        decisions={"local": {"format": "fp8", "reason": "fp8 passed", "latency_note": note}})
     text = path.read_text()
     assert "**Decision:** fp8 — fp8 passed" in text
     assert "| int8_sq | fail | +15.00% (≤+19.00%)" in text and "ppl too high" in text
     assert "concurrency=4" in text
+    assert f"**Latency did not decide:** {note}" in text
+    assert "**unreliable: others busy** (load 3.1, others 1.4 cores)" in text
     assert (tmp_path / "local-pareto.png").stat().st_size > 1000
     assert (tmp_path / "local-latency.png").stat().st_size > 1000

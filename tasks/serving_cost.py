@@ -1,0 +1,55 @@
+"""Serving cost as data: what a format costs to serve on an architecture, for ranking when speed cannot decide.
+
+Used where latency was not measured on a deployment runtime (the reference backend), or where two measurements are
+not comparable. The model, most important first:
+  1. kernels: a format whose kernels the target architecture lacks is served by dequantizing to 16 bit, so it
+     saves memory at best, never time (arch validity from tasks/targets.py's MIN_SM; a CPU target has none);
+  2. weight bits: LLM decode is bound by reading weights, so fewer bits per weight serve faster at the batch sizes
+     that matter (nominal bits; scale overhead is in `effective_weight_bits`, used by AutoQuantize's budget);
+  3. activation bits: prefill and large batches are compute-bound, and low-precision activations use faster
+     tensor-core paths.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from tasks.targets import MIN_SM, sm_number
+
+
+@dataclass(frozen=True)
+class FormatCost:
+    weight_bits: int  # nominal bits per weight
+    activation_bits: int  # bits of the matmul inputs
+    effective_weight_bits: float  # including per-group scales (AWQ: 16-bit scale per 128 weights)
+
+
+SERVING_COST: dict[str, FormatCost] = {
+    "nvfp4": FormatCost(4, 4, 4.5),  # FP8 scale per 16 weights
+    "w4a8_awq": FormatCost(4, 8, 4.125),
+    "int4_awq": FormatCost(4, 16, 4.125),
+    "fp8": FormatCost(8, 8, 8.0),
+    "int8_sq": FormatCost(8, 8, 8.0),
+    "none": FormatCost(16, 16, 16.0),
+}
+
+
+def has_kernels(fmt: str, arch: str) -> bool:
+    """Whether `arch` has quantized kernels for `fmt` (the unquantized baseline always runs)."""
+    if fmt == "none":
+        return True
+    sm = sm_number(arch)
+    return sm is not None and fmt in MIN_SM and sm >= MIN_SM[fmt][0]
+
+
+def cost_key(fmt: str, arch: str, *, weight_bits: float | None = None) -> tuple:
+    """Smaller serves cheaper. `weight_bits` overrides the table for mixed-precision checkpoints (AutoQuantize),
+    whose cost is their effective bits."""
+    cost = SERVING_COST.get(fmt, SERVING_COST["none"])
+    return (0 if has_kernels(fmt, arch) else 1, weight_bits if weight_bits is not None else cost.weight_bits,
+            cost.activation_bits)
+
+
+def describe(fmt: str, arch: str, *, weight_bits: float | None = None) -> str:
+    kernels, w, a = cost_key(fmt, arch, weight_bits=weight_bits)
+    return f"{fmt} W{w:g}A{a}{'' if kernels == 0 else f', no {arch} kernels'}"
