@@ -153,7 +153,7 @@ def test_reference_latency_does_not_decide_unless_the_recipe_opts_in(first_run, 
     assert run.data.tags["latency_decides.local"] == "false"
     assert "not a deployment number" in run.data.tags["latency_note.local"]
 
-    opted_in = run_cli(home, "gates.latency.ttft_p95_ms=1", "gates.latency.on_reference_runtime=true")
+    opted_in = run_cli(home, "gates.latency.ttft_p95_ms=1", "gates.latency.on_reference_runtime=true", expect=4)
     fp8 = next(r for r in opted_in["rows"] if r["format"] == "fp8")
     assert fp8["status"] == "fail" and "ttft_p95_ms" in fp8["reason"] and opted_in["promotions"] == []
     assert opted_in["decisions"]["local"]["latency_decides"] is True
