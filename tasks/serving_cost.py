@@ -3,7 +3,8 @@
 Used where latency was not measured on a deployment runtime (the reference backend), or where two measurements are
 not comparable. The model, most important first:
   1. kernels: a format whose kernels the target architecture lacks is served by dequantizing to 16 bit, so it
-     saves memory at best, never time (arch validity from tasks/targets.py's MIN_SM; a CPU target has none);
+     saves memory at best, never time (TensorRT-LLM's runtimes in tasks/targets.py's VALIDITY_RULES; a CPU target
+     has none);
   2. weight bits: LLM decode is bound by reading weights, so fewer bits per weight serve faster at the batch sizes
      that matter (nominal bits; scale overhead is in `effective_weight_bits`, used by AutoQuantize's budget);
   3. activation bits: prefill and large batches are compute-bound, and low-precision activations use faster
@@ -14,7 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from tasks.targets import MIN_SM, sm_number
+from tasks.targets import VALIDITY_RULES, sm_number
 
 
 @dataclass(frozen=True)
@@ -39,7 +40,8 @@ def has_kernels(fmt: str, arch: str) -> bool:
     if fmt == "none":
         return True
     sm = sm_number(arch)
-    return sm is not None and fmt in MIN_SM and sm >= MIN_SM[fmt][0]
+    return sm is not None and any(r.format == fmt and sm in r.sms and r.runtime in ("pytorch", "legacy")
+                                  for r in VALIDITY_RULES)
 
 
 def cost_key(fmt: str, arch: str, *, weight_bits: float | None = None) -> tuple:

@@ -1,9 +1,9 @@
 from tasks.serving_cost import SERVING_COST, cost_key, describe, has_kernels
-from tasks.targets import MIN_SM
+from recipes.schema import QUANT_FORMATS
 
 
 def test_every_quantization_format_has_a_serving_cost():
-    assert set(MIN_SM) <= set(SERVING_COST)
+    assert set(QUANT_FORMATS) <= set(SERVING_COST)
 
 
 def test_fewer_weight_bits_serve_cheaper_then_fewer_activation_bits():
