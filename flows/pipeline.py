@@ -199,7 +199,7 @@ def _publish_report(recipe, record: RunRecord) -> None:
     """The decision report: written to the store, logged to the MLflow run, shown as a Prefect artifact."""
     from prefect.artifacts import create_markdown_artifact
 
-    from tasks.report import write_report
+    from tasks.report import inline_images, write_report
 
     if not any(r["status"] != "skipped" for r in record.rows):
         return
@@ -208,8 +208,9 @@ def _publish_report(recipe, record: RunRecord) -> None:
     record.report = str(out)
     for file in out.parent.iterdir():
         registry.log_file(record.run_id, str(file), "report")
-    create_markdown_artifact(markdown=out.read_text(), key=edge.artifact_key(recipe.name, "decision-report"),
-                             description=f"{recipe.name}: decision per target (plots in the MLflow run's report/)")
+    create_markdown_artifact(markdown=inline_images(out.read_text(), out.parent),  # the UI cannot fetch local files
+                             key=edge.artifact_key(recipe.name, "decision-report"),
+                             description=f"{recipe.name}: decision per target (also report/report.html in MLflow)")
 
 
 def _calibration_origin(spec, base_dir) -> dict:

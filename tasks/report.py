@@ -1,9 +1,15 @@
 """The decision report: per target, accuracy cost vs serving speed for every rung, latency against the SLOs, and
-the decision with its reason. Markdown with PNG plots, written next to the run's other outputs."""
+the decision with its reason. Markdown with PNG plots, written next to the run's other outputs, plus the same report
+as one self-contained HTML file (plots embedded), which MLflow's artifact view shows with its images."""
 
 from __future__ import annotations
 
+import base64
+import html
+import re
 from pathlib import Path
+
+IMAGE_LINK = re.compile(r"!\[([^\]]*)\]\(([^)\s]+\.png)\)")
 
 
 def _pareto_plot(target: str, rows: list[dict], load: str, tolerance: float | None, path: Path) -> None:
@@ -117,4 +123,32 @@ def write_report(*, recipe, rows: list[dict], decisions: dict[str, dict], out_di
         lines.append("")
     path = out_dir / "report.md"
     path.write_text("\n".join(lines))
+    write_html(path)
     return path
+
+
+def inline_images(markdown: str, base_dir: Path) -> str:
+    """The Markdown with each local PNG embedded as a data URI, for viewers that cannot fetch files stored next to
+    it (a Prefect artifact, an MLflow HTML artifact)."""
+    def embed(match: re.Match) -> str:
+        png = Path(base_dir) / match.group(2)
+        if not png.is_file():
+            return match.group(0)
+        return f"![{match.group(1)}](data:image/png;base64,{base64.b64encode(png.read_bytes()).decode()})"
+    return IMAGE_LINK.sub(embed, markdown)
+
+
+def write_html(markdown_file: Path) -> Path:
+    """report.html beside report.md: the same report, self-contained."""
+    from markdown_it import MarkdownIt
+
+    body = MarkdownIt("commonmark").enable("table").render(inline_images(markdown_file.read_text(),
+                                                                          markdown_file.parent))
+    title = html.escape(markdown_file.read_text().splitlines()[0].lstrip("# "))
+    out = markdown_file.with_suffix(".html")
+    out.write_text(f"""<!doctype html><html><head><meta charset="utf-8"><title>{title}</title><style>
+body {{ font-family: system-ui, sans-serif; margin: 1.5em; max-width: 1100px; }}
+table {{ border-collapse: collapse; }} td, th {{ border: 1px solid #ccc; padding: 3px 8px; }}
+img {{ max-width: 100%; }}
+</style></head><body>{body}</body></html>""")
+    return out

@@ -35,3 +35,13 @@ def test_report_shows_every_rung_the_decision_and_plots(tmp_path):
     assert "**unreliable: others busy** (load 3.1, others 1.4 cores)" in text
     assert (tmp_path / "local-pareto.png").stat().st_size > 1000
     assert (tmp_path / "local-latency.png").stat().st_size > 1000
+    # viewers that cannot fetch files next to the report get the plots embedded
+    import base64
+
+    from tasks.report import inline_images
+
+    embedded = inline_images(text, tmp_path)
+    png = (tmp_path / "local-pareto.png").read_bytes()
+    assert "](local-pareto.png)" not in embedded and base64.b64encode(png).decode() in embedded
+    page = (tmp_path / "report.html").read_text()
+    assert '<img src="data:image/png;base64,' in page and "<table>" in page and "<td>int8_sq</td>" in page
