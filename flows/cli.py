@@ -23,9 +23,41 @@ EXIT_CODES_HELP = ("Exit codes: 0 ok (run: every target certified); 1 error (a s
                    "match this machine); 4 nothing certified (run: no candidate passed every gate on some target; "
                    "resolve: nothing certified for that GPU).")
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, epilog=EXIT_CODES_HELP,
+# Environment each command reads (README "The command line").
+ENV_STORE = "ENGINEWRIGHT_HOME (the artifact store and local databases; default ./.enginewright)"
+ENV_MLFLOW = "MLFLOW_TRACKING_URI (an MLflow server; default a SQLite file in the store)"
+ENV_PREFECT = ("PREFECT_API_URL, PREFECT_API_AUTH_STRING (a Prefect server; default Prefect's temporary local "
+               "server)")
+ENV_HUB = "HF_TOKEN, HF_HOME (hub models and datasets only)"
+ENV_SHARE = "ENGINEWRIGHT_SHARE_ARTIFACTS (auto|0|1: stage outputs through MLflow's artifact store)"
+
+
+def _env_help(*names: str) -> str:
+    return "Environment: " + "; ".join(names) + "."
+
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  epilog=EXIT_CODES_HELP + "\n\n" + _env_help(ENV_STORE, ENV_MLFLOW, ENV_PREFECT, ENV_HUB),
                   help="Turn an LLM checkpoint into certified, per-GPU-architecture inference artifacts.")
-console = Console(width=None if sys.stdout.isatty() else 200)  # wide tables in logs and CI
+console = Console(width=None if sys.stdout.isatty() else 200)  # data (tables, JSON) on stdout: wide in logs and CI
+err_console = Console(stderr=True, width=None if sys.stderr.isatty() else 200)  # messages for people
+
+
+def _version(value: bool) -> None:
+    if value:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            print(f"enginewright {version('enginewright')}")
+        except PackageNotFoundError:
+            print("enginewright (not installed: running from a checkout)")
+        raise typer.Exit()
+
+
+@app.callback()
+def main_options(_version_flag: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                                    help="print the version and exit")) -> None:
+    """Turn an LLM checkpoint into certified, per-GPU-architecture inference artifacts."""
 
 OVERRIDE_HELP = "Override a recipe field: key.path=value (repeatable), e.g. --set gates.latency.ttft_p95_ms=500"
 
@@ -42,16 +74,30 @@ def _load(recipe: Path, overrides: list[str] | None) -> Recipe:
     return _load_with_dir(recipe, overrides)[0]
 
 
-@app.command(epilog="Example: enginewright validate recipes/demo.yaml --set quantization.formats=\\[fp8]")  # \\[: not rich markup
+@app.command(epilog="Example: enginewright validate recipes/demo.yaml --set quantization.formats=\\[fp8]"  # \\[: not markup
+                    "\n\nExit 0: valid; 2: not (every problem listed). Environment: none.")
 def validate(recipe: Path = typer.Argument(..., help="recipe YAML"),
-             set_: Optional[List[str]] = typer.Option(None, "--set", help=OVERRIDE_HELP)) -> None:
+             set_: Optional[List[str]] = typer.Option(None, "--set", help=OVERRIDE_HELP),
+             as_json: bool = typer.Option(False, "--json", help="print the result as JSON on stdout")) -> None:
     """Check a recipe (schema, values, files) without running anything; lists every problem at once."""
-    loaded = _load(recipe, set_)
+    try:
+        loaded, _ = load_recipe(recipe, set_ or [])
+    except RecipeError as exc:
+        typer.echo(f"recipe error: {exc}", err=True)
+        if as_json:
+            print(json.dumps({"recipe": str(recipe), "valid": False, "problems": str(exc).splitlines()}, indent=2))
+        raise typer.Exit(EXIT_BAD_INPUT) from None
+    if as_json:
+        print(json.dumps({"recipe": str(recipe), "valid": True, "name": loaded.name,
+                          "formats": loaded.quantization.formats, "targets": [t.name for t in loaded.targets],
+                          "digest": loaded.digest()}, indent=2))
+        return
     console.print(f"[green]ok[/green] {recipe}: {loaded.name}, formats {loaded.quantization.formats}, "
                   f"targets {[t.name for t in loaded.targets]}")
 
 
-@app.command(epilog="Example: enginewright plan recipes/demo.yaml --json")
+@app.command(epilog="Example: enginewright plan recipes/demo.yaml --json\n\n"
+                    + _env_help(ENV_STORE, "PREFECT_API_URL (set: targets with a work_pool count as placed)"))
 def plan(recipe: Path = typer.Argument(..., help="recipe YAML"),
          set_: Optional[List[str]] = typer.Option(None, "--set", help=OVERRIDE_HELP),
          as_json: bool = typer.Option(False, "--json", help="print the plan as JSON")) -> None:
@@ -90,10 +136,13 @@ def plan(recipe: Path = typer.Argument(..., help="recipe YAML"),
 
 @app.command(epilog="Examples:\n\n  enginewright run recipes/demo.yaml\n\n"
                     "  enginewright run recipes/demo.yaml --set gates.accuracy.tasks.holdout_perplexity.max_relative_increase=0.05"
-                    "\n\n" + EXIT_CODES_HELP)
+                    "\n\n  enginewright run recipes/demo.yaml --json | jq .outcome"
+                    "\n\n" + EXIT_CODES_HELP + "\n\n" + _env_help(ENV_STORE, ENV_MLFLOW, ENV_PREFECT, ENV_HUB, ENV_SHARE))
 def run(recipe: Path = typer.Argument(..., help="recipe YAML"),
         set_: Optional[List[str]] = typer.Option(None, "--set", help=OVERRIDE_HELP),
-        json_out: Optional[Path] = typer.Option(None, "--json-out", help="also write the run record as JSON")) -> None:
+        json_out: Optional[Path] = typer.Option(None, "--json-out", help="also write the run record as JSON"),
+        as_json: bool = typer.Option(False, "--json", help="print the run record as JSON on stdout (the summary "
+                                     "goes to stderr)")) -> None:
     """Run calibrate -> quantize -> build -> validate -> promote for a recipe, as a Prefect flow.
 
     Exits 0 only when every target that ran was certified; 4 when some target had no candidate pass every gate.
@@ -130,7 +179,9 @@ def run(recipe: Path = typer.Argument(..., help="recipe YAML"),
     result["wall_seconds"] = round(time.perf_counter() - started, 1)
     if json_out:
         json_out.write_text(json.dumps(result, indent=2, default=str))
-    print_summary(result)
+    print_summary(result, out=err_console if as_json else console)
+    if as_json:
+        print(json.dumps(result, indent=2, default=str))
     raise typer.Exit(exit_code(result))
 
 
@@ -145,7 +196,8 @@ def _fmt(value, spec: str = ".1f") -> str:
     return "-" if value is None else format(value, spec)
 
 
-def print_summary(result: dict) -> None:
+def print_summary(result: dict, out: Console | None = None) -> None:
+    out = out or console
     from registry.mlflow_registry import ui_command
     from tasks import store
 
@@ -154,7 +206,7 @@ def print_summary(result: dict) -> None:
         stages.add_column(col)
     for s in result["stages"]:
         stages.add_row(s["stage"], s["subject"], "cache hit" if s["cached"] else f"{s['seconds']:.1f} s")
-    console.print(stages)
+    out.print(stages)
 
     load = result.get("gated_load", "concurrency=1")
     table = Table(title=f"results per format and target (latency at {load})")
@@ -184,43 +236,43 @@ def print_summary(result: dict) -> None:
                       _fmt(lat.get("output_tokens_per_s")) + ("*" if row.get("latency_note") else ""),
                       f"[{style}]{verdict}[/{style}]" if style else verdict,
                       " ".join(x for x in (row.get("registry"), row.get("alias")) if x) or "")
-    console.print(table)
+    out.print(table)
     if any(r.get("latency_note") for r in result["rows"]):
-        console.print("  * reference runtime (fake quantization): not a deployment number; latency shown, not deciding",
+        out.print("  * reference runtime (fake quantization): not a deployment number; latency shown, not deciding",
                       highlight=False)
     for row in result["rows"]:
         if row["status"] in ("fail", "undecided"):
-            console.print(f"  {row['format']}@{row['target']} {row['status']}: {row['reason']}", highlight=False)
+            out.print(f"  {row['format']}@{row['target']} {row['status']}: {row['reason']}", highlight=False)
     for target, decision in result.get("decisions", {}).items():
-        console.print(f"decision for {target}: {decision['reason']}", highlight=False)
+        out.print(f"decision for {target}: {decision['reason']}", highlight=False)
         if decision.get("latency_note"):
-            console.print(f"[yellow]latency on {target} did not decide[/yellow]: {decision['latency_note']}",
+            out.print(f"[yellow]latency on {target} did not decide[/yellow]: {decision['latency_note']}",
                           highlight=False)
     for row in result["rows"]:
         host = row.get("latency", {}).get(load, {}).get("host_load") or {}
         if host and not host.get("reliable"):
-            console.print(f"  [yellow]{row['format']}@{row['target']} latency {host['note']}[/yellow]", highlight=False)
+            out.print(f"  [yellow]{row['format']}@{row['target']} latency {host['note']}[/yellow]", highlight=False)
     for p in result["promotions"]:
-        console.print(f"registry: {p['registered_model']} v{p['version']} -> alias {p['alias']} ({p['action']})")
+        out.print(f"registry: {p['registered_model']} v{p['version']} -> alias {p['alias']} ({p['action']})")
     if not result["promotions"]:
-        console.print("[yellow]nothing promoted[/yellow]: no candidate passed every gate")
+        out.print("[yellow]nothing promoted[/yellow]: no candidate passed every gate")
     for e in result["errors"]:
-        console.print(f"[red]error[/red] {e}", highlight=False)
+        out.print(f"[red]error[/red] {e}", highlight=False)
     if "wall_seconds" in result:
-        console.print(f"wall time {result['wall_seconds']} s; MLflow run {result['run_id']}")
+        out.print(f"wall time {result['wall_seconds']} s; MLflow run {result['run_id']}")
     if result.get("report"):
-        console.print(f"decision report: {result['report']}  (also in the MLflow run under report/)")
-    console.print(f"MLflow UI:  {ui_command()}")
+        out.print(f"decision report: {result['report']}  (also in the MLflow run under report/)")
+    out.print(f"MLflow UI:  {ui_command()}")
     if os.environ.get("PREFECT_API_URL"):
-        console.print(f"Prefect UI: {os.environ['PREFECT_API_URL'].removesuffix('/api')}")
+        out.print(f"Prefect UI: {os.environ['PREFECT_API_URL'].removesuffix('/api')}")
     else:
-        console.print(f"Prefect UI: PREFECT_HOME={store.home() / 'prefect'} .venv/bin/prefect server start   "
+        out.print(f"Prefect UI: PREFECT_HOME={store.home() / 'prefect'} .venv/bin/prefect server start   "
                       f"# then open http://127.0.0.1:4200")
 
 
 @app.command(epilog="Examples:\n\n  enginewright resolve smollm2-135m-reference --gpu H100\n\n"
                     "  enginewright resolve smollm2-135m-reference --download /srv/models/smollm2 --verify\n\n"
-                    + EXIT_CODES_HELP)
+                    + EXIT_CODES_HELP + "\n\n" + _env_help(ENV_STORE, ENV_MLFLOW))
 def resolve(model: str = typer.Argument(..., help="registered model name, e.g. smollm2-135m-reference"),
             gpu: str = typer.Option("auto", help="GPU name (H100, H20, A100, ...; a version built on that GPU is "
                                     "preferred to the arch's champion built on another), an arch (sm_90, sm90, "
@@ -234,7 +286,8 @@ def resolve(model: str = typer.Argument(..., help="registered model name, e.g. s
                                         "(this host's copy: --download DIR, the store's build, or a download into "
                                         "ENGINEWRIGHT_HOME/downloads) and that it was built for this machine's arch "
                                         "and toolchain"),
-            fast: bool = typer.Option(False, "--fast", help="with --verify/--download: check presence and sizes only")
+            fast: bool = typer.Option(False, "--fast", help="with --verify/--download: check presence and sizes only"),
+            as_json: bool = typer.Option(True, "--json", hidden=True, help="the answer is always JSON on stdout")
             ) -> None:
     """Which registry version a node with this GPU should serve, its models:/ URI, and (with --download/--verify)
     a verified copy of its files on this host (JSON on stdout; messages on stderr). Exit 2: unknown model or GPU;

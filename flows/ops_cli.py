@@ -79,6 +79,7 @@ def serve(host: str = typer.Option("127.0.0.1", help="address to bind (0.0.0.0 i
 
 
 def report_cleanup(marked: dict[str, list[dict]]) -> None:
+    console = Console(stderr=True)  # messages, not data: `run --json | jq` reads stdout
     for run in marked["mlflow_runs"]:
         console.print(f"MLflow run {run['run_id']} ({run['name']}) marked FAILED: {run['reason']}", highlight=False)
     for run in marked["flow_runs"]:

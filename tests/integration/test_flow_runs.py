@@ -119,17 +119,18 @@ def test_a_run_that_certifies_nothing_fails_with_its_own_state_and_exit_code(pre
 
     monkeypatch.setenv("ENGINEWRIGHT_HOME", str(shared_home))
     recipe = _recipe(tmp_path, tiny_model_dir, _write_source("txt", tmp_path))
-    impossible = ["gates.latency.ttft_p95_ms=0.001"]  # no runtime answers in a microsecond
+    impossible = ["gates.accuracy.tasks.holdout_perplexity.max_relative_increase=1e-9"]  # fp8 changes something
 
     state = certify(recipe, impossible, return_state=True)
     assert state.is_failed() and state.name == "NotCertified"
-    assert "nothing certified for target local" in state.message and "ttft" in state.message
+    assert "nothing certified for target local" in state.message and "holdout_perplexity" in state.message
     result = state.result(raise_on_failure=False)
     assert result["outcome"] == "not_certified" and result["promotions"] == [] and result["errors"] == []
 
-    out = CliRunner().invoke(app, ["run", recipe, "--set", impossible[0]])
+    out = CliRunner().invoke(app, ["run", recipe, "--set", impossible[0], "--json"])
     assert out.exit_code == EXIT_NOT_CERTIFIED == 4, out.output
-    assert "nothing promoted" in out.output
+    assert json.loads(out.stdout)["outcome"] == "not_certified"  # stdout is the run record only: `| jq` works
+    assert "nothing promoted" in out.stderr
 
 
 def test_too_few_held_out_items_stop_the_run_as_bad_input_before_quantizing(prefect_harness, shared_home,

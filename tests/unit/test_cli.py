@@ -56,3 +56,25 @@ def test_resolve_accepts_the_arch_in_the_tag_and_the_alias_spelling(tmp_path):
         assert answer["alias"] == f"champion-{answer['tags']['arch_slug']}"
     _champion(tmp_path, name="gpu-model", arch="sm_90")
     assert json.loads(runner.invoke(app, ["resolve", "gpu-model", "--gpu", "sm90"]).stdout)["tags"]["gpu_arch"] == "sm_90"
+
+
+def test_version_and_the_environment_each_command_reads():
+    shown = runner.invoke(app, ["--version"])
+    assert shown.exit_code == 0 and shown.stdout.startswith("enginewright ")
+    run_help = runner.invoke(app, ["run", "--help"]).stdout
+    for name in ("ENGINEWRIGHT_HOME", "MLFLOW_TRACKING_URI", "PREFECT_API_URL", "Exit codes", "4 nothing certified"):
+        assert name in run_help, name
+    assert "MLFLOW_TRACKING_URI" in runner.invoke(app, ["resolve", "--help"]).stdout
+
+
+def test_validate_json_is_data_on_stdout_and_problems_are_listed(tmp_path):
+    from pathlib import Path
+
+    demo = Path(__file__).resolve().parents[2] / "recipes" / "demo.yaml"
+    ok = runner.invoke(app, ["validate", str(demo), "--json"])
+    assert ok.exit_code == 0 and json.loads(ok.stdout)["valid"] is True
+    bad = runner.invoke(app, ["validate", str(demo), "--json", "--set", "quantization.formats=[fp7_magic]",
+                              "--set", "targets.0.tp=4"])
+    answer = json.loads(bad.stdout)
+    assert bad.exit_code == 2 and answer["valid"] is False and "recipe error" in bad.stderr
+    assert any("fp7_magic" in p for p in answer["problems"]) and any("tp=4" in p for p in answer["problems"])
