@@ -157,12 +157,13 @@ def test_prefect_artifacts_have_valid_keys(tiny_model_dir, tmp_path, monkeypatch
     made = []
     monkeypatch.setattr(prefect.artifacts, "create_markdown_artifact", lambda **kw: made.append(("md", kw)))
     monkeypatch.setattr(prefect.artifacts, "create_table_artifact", lambda **kw: made.append(("table", kw)))
-    pipeline._publish_representativeness(report)
+    pipeline._publish_representativeness("Demo Recipe", report)
     assert made == []  # outside a flow run: nothing to attach to
     monkeypatch.setattr(FlowRunContext, "get", classmethod(lambda cls: object()))
-    pipeline._publish_representativeness(report)
+    pipeline._publish_representativeness("Demo Recipe", report)
     keys = [kw["key"] for _, kw in made]
-    assert keys == ["calibration-representativeness", "calibration-strata", "calibration-activation-ranges"]
+    assert keys == ["demo-recipe-calibration-representativeness", "demo-recipe-calibration-strata",
+                    "demo-recipe-calibration-activation-ranges"]  # per recipe: recipes do not overwrite each other
     assert all(re.fullmatch(r"[a-z0-9-]*", k) for k in keys)
     assert "# Calibration representativeness: WARN" in made[0][1]["markdown"]
     assert made[1][1]["table"][0].keys() >= {"stratum", "source_share", "sample_share", "gap"}
