@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from tasks import placement, quant_state, store, warmup
+from tasks import hashed_export, placement, quant_state, store, warmup
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +44,7 @@ KV_CACHE_FORMATS = ("fp8_cast", "fp8", "nvfp4_cast", "nvfp4")
 # (export_tensorrt_llm_checkpoint): the unified HF export does not support it (3_unified_hf.rst lists FP8, FP8_PB,
 # NVFP4, NVFP4_AWQ, INT4_AWQ, W4A8_AWQ) and only TensorRT-LLM's legacy engine serves it.
 TRTLLM_CHECKPOINT_FORMATS = ("int8_sq",)
+EXPORT_SHARD_SIZE = "1GB"  # smaller than ModelOpt's 10GB default: each shard is hashed while the next is written
 CUDA_ONLY_FORMATS = {"nvfp4": "NVFP4 calibration uses ModelOpt's CUDA kernels; run quantization on a GPU worker"}
 
 
@@ -176,7 +177,7 @@ def key_parts(*, model_fp: str, calib_digest: str, fmt: str, kv_cache: str, awq_
              "awq_block_size": awq_block_size, "max_tokens": max_tokens, "batch_size": batch_size, "device": device,
              "toolchain": {"modelopt": store.version_of("nvidia-modelopt"), "torch": store.version_of("torch"),
                            "transformers": store.version_of("transformers")},
-             "code": store.source_digest(sys.modules[__name__], quant_state)}
+             "code": store.source_digest(sys.modules[__name__], quant_state, hashed_export)}
     if fmt in TRTLLM_CHECKPOINT_FORMATS:
         parts["trtllm_checkpoint_tps"] = trtllm_checkpoint_tps(fmt, trtllm_tps)
     return parts
@@ -287,11 +288,15 @@ def _quantize_and_export(model_dir, calibration_file, fmt, kv_cache, awq_block_s
     calib = pd.read_parquet(calibration_file)
     texts = calib["text"].tolist()
     packed = "input_ids" in calib.columns  # tasks/calibrate.py pack: equal-length token sequences, no padding
+    if packed:
+        import numpy as np
+
+        packed_ids = torch.from_numpy(np.stack(calib["input_ids"].to_numpy()).astype(np.int64))
     cfg = build_quant_config(fmt, kv_cache=kv_cache, awq_block_size=awq_block_size)
 
     def batch_at(i: int) -> dict:
         if packed:
-            return {"input_ids": torch.tensor(calib["input_ids"].iloc[i:i + batch_size].tolist(), device=input_device)}
+            return {"input_ids": packed_ids[i:i + batch_size].to(input_device)}
         return calib_tokenizer(texts[i:i + batch_size], return_tensors="pt", padding=True, truncation=True,
                                max_length=max_tokens).to(input_device)
 
@@ -311,11 +316,14 @@ def _quantize_and_export(model_dir, calibration_file, fmt, kv_cache, awq_block_s
         # The quantizer state, before export: export packs weights in place. Base files are linked, not copied.
         quant_state.save(model, tmp / "fakequant", base_fingerprint=parts["model"], folds=folds)
         link_base_checkpoint(Path(model_dir), tmp / "fakequant")
+        shard_digests: dict = {}
         if trtllm_tps:
             quant_config = _export_trtllm_checkpoints(model, tokenizer, tmp, trtllm_tps)
         else:
-            with torch.inference_mode():
-                export_hf_checkpoint(model, dtype=torch.bfloat16, export_dir=str(tmp / "unified"))
+            # Shards are hashed as each is written, while the next is written (no second read of the export).
+            with hashed_export.hashing_shard_writes(tmp) as shard_digests, torch.inference_mode():
+                export_hf_checkpoint(model, dtype=torch.bfloat16, export_dir=str(tmp / "unified"),
+                                     max_shard_size=EXPORT_SHARD_SIZE)
             tokenizer.save_pretrained(tmp / "unified")
             quant_config = _read_json(tmp / "unified" / "hf_quant_config.json")
         del model
@@ -325,7 +333,7 @@ def _quantize_and_export(model_dir, calibration_file, fmt, kv_cache, awq_block_s
             "device": device, "placement": where.describe(), "seconds": seconds, "toolchain": store.toolchain(),
             "quant_algo": (quant_config or {}).get("quantization", {}).get("quant_algo"),
             "hf_quant_config": quant_config,
-        })
+        }, files=shard_digests)
         manifest["seconds"] = round(time.perf_counter() - started, 2)  # hashing included (what the run recorded)
     log.info("%s quantized and exported in %.1f s", fmt, seconds)
     return manifest

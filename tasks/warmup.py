@@ -65,12 +65,18 @@ def warmup() -> dict[str, dict]:
                            "(run it when the GPU worker starts, not at image build without a GPU)")
     from modelopt.torch.quantization import extensions
 
+    from concurrent.futures import ThreadPoolExecutor
+
     before = set(uncompiled())
-    out = {}
-    for name, getter in EXTENSIONS.items():
+
+    def one(item):  # each extension builds in its own directory: the compilers run in parallel
+        name, getter = item
         started = time.perf_counter()
         ext = getattr(extensions, getter)()
-        out[name] = {"seconds": round(time.perf_counter() - started, 1), "compiled": name in before,
-                     "loaded": ext is not None}
-        log.info("%s: %s in %.1f s", name, "compiled" if name in before else "loaded", out[name]["seconds"])
-    return out
+        result = {"seconds": round(time.perf_counter() - started, 1), "compiled": name in before,
+                  "loaded": ext is not None}
+        log.info("%s: %s in %.1f s", name, "compiled" if name in before else "loaded", result["seconds"])
+        return name, result
+
+    with ThreadPoolExecutor(max_workers=len(EXTENSIONS)) as pool:
+        return dict(pool.map(one, EXTENSIONS.items()))

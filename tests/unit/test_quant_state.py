@@ -80,3 +80,7 @@ def test_two_quantizations_of_the_same_inputs_have_one_fingerprint(tiny_model_di
     weights = Path(first.fakequant_dir) / "model.safetensors"
     assert weights.stat().st_ino == (Path(tiny_model_dir) / "model.safetensors").stat().st_ino  # linked, not copied
     assert not (Path(first.fakequant_dir) / store.MANIFEST).exists()
+    # the export's shards were hashed while written: the recorded digests are the files' digests
+    manifest = store.read_manifest(Path(first.path))
+    assert any(rel.startswith("unified/") and rel.endswith(".safetensors") for rel in manifest["files"])
+    assert store.verify(Path(first.path), full=True) == []
