@@ -122,6 +122,7 @@ class CalibrationSpec(Strict):
     seed: int = Field(1234, description="sampling seed")
     holdout_fraction: float = Field(0.2, gt=0.0, lt=0.9, description="share of the deduplicated source kept out of calibration, for evaluation")
     batch_size: int = Field(8, ge=1, description="calibration forward batch size")
+    pack: bool = Field(False, description="concatenate the sampled texts, each ended by the tokenizer's EOS token, and cut them into `samples` sequences of exactly `max_tokens` tokens (ModelOpt recommends 512 x 512): reaches that size from corpora of short texts")
     request_log: RequestLogSpec | None = Field(None, description="request_log: stratification, deduplication, redaction and size options")
     representativeness: RepresentativenessSpec = Field(default_factory=RepresentativenessSpec, description="thresholds that turn the representativeness report into a warning or a stop before quantization")
 
@@ -140,6 +141,9 @@ class CalibrationSpec(Strict):
             raise ValueError("calibration.dataset is required when calibration.source is 'hub'")
         if self.source == "request_log" and not self.paths:
             raise ValueError("calibration.paths needs at least one .jsonl request log when calibration.source is 'request_log'")
+        if self.pack and self.source == "request_log":
+            raise ValueError("calibration.pack applies to pydoc_topics, files and hub sources; request_log samples "
+                             "whole requests (stratified), which packing would cut apart")
         if self.request_log is not None and self.source != "request_log":
             raise ValueError("calibration.request_log applies only when calibration.source is 'request_log'")
         return self

@@ -105,13 +105,43 @@ def split_and_sample(texts: list[str], spec: CalibrationSpec) -> tuple[list[str]
     unique = list(dict.fromkeys(long_enough))
     holdout = [t for t in unique if is_holdout(t, spec.seed, spec.holdout_fraction)]
     pool = [t for t in unique if not is_holdout(t, spec.seed, spec.holdout_fraction)]
-    if len(pool) < spec.samples:
+    if spec.pack:  # every usable text, in seeded order: pack_texts takes as many as the sequences need
+        sample = random.Random(spec.seed).sample(pool, len(pool))
+    elif len(pool) < spec.samples:
         raise ValueError(f"calibration.samples: asked for {spec.samples} but only {len(pool)} usable texts remain "
-                         f"after dropping short ones (< {spec.min_chars} chars), duplicates and the holdout")
-    sample = random.Random(spec.seed).sample(pool, spec.samples)
+                         f"after dropping short ones (< {spec.min_chars} chars), duplicates and the holdout; "
+                         "calibration.pack: true packs short texts into max_tokens-long sequences")
+    else:
+        sample = random.Random(spec.seed).sample(pool, spec.samples)
     counts = {"source_texts": len(texts), "dropped_short_or_empty": len(texts) - len(long_enough),
               "duplicates_removed": len(long_enough) - len(unique), "holdout": len(holdout), "pool": len(pool)}
     return sample, holdout, counts
+
+
+def pack_texts(texts: list[str], tokenizer, *, samples: int, max_tokens: int) -> tuple[list[list[int]], int]:
+    """Tokenize texts in order, each followed by the EOS token as the boundary, and cut the stream into ``samples``
+    sequences of exactly ``max_tokens`` tokens. Returns the sequences and how many texts they used.
+
+    Raises:
+        ValueError: the texts hold fewer tokens than ``samples`` x ``max_tokens``, or the tokenizer has no EOS token.
+    """
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise ValueError("calibration.pack needs a tokenizer with an EOS token (the boundary between packed texts)")
+    need, ids, used = samples * max_tokens, [], 0
+    while len(ids) < need and used < len(texts):
+        batch = texts[used:used + 256]
+        for encoded in tokenizer(batch, add_special_tokens=False)["input_ids"]:
+            ids.extend(encoded)
+            ids.append(eos)
+            used += 1
+            if len(ids) >= need:
+                break
+    if len(ids) < need:
+        raise ValueError(f"calibration.pack: {samples} sequences x {max_tokens} tokens need {need} tokens, but the "
+                         f"{len(texts)} usable texts (after dropping short ones, duplicates and the holdout) hold "
+                         f"{len(ids)}; lower calibration.samples or max_tokens, or use a larger source")
+    return [ids[i * max_tokens:(i + 1) * max_tokens] for i in range(samples)], used
 
 
 def cache_key(spec: CalibrationSpec, *, model_dir: str, base_dir: Path) -> str:
@@ -143,6 +173,11 @@ def _build(spec: CalibrationSpec, model_dir: str, base_dir: Path, key: str, out:
     texts = loaders[spec.source]()
     sample, holdout, counts = split_and_sample(texts, spec)
     count = request_log.tokenizer_counter(tokenizer)
+    packed = None
+    if spec.pack:
+        packed, used = pack_texts(sample, tokenizer, samples=spec.samples, max_tokens=spec.max_tokens)
+        sample = sample[:used]
+        counts["packed_from_texts"] = used
     lengths = count(sample)
     normalised = (_normalise(t) for t in texts if t and t.strip())
     usable = list(dict.fromkeys(t for t in normalised if len(t) >= spec.min_chars))
@@ -159,7 +194,13 @@ def _build(spec: CalibrationSpec, model_dir: str, base_dir: Path, key: str, out:
             "dropped_short_or_empty": counts["dropped_short_or_empty"]}},
     }
     strata = [request_log.length_bucket(n, edges, names) for n in lengths]
-    return _write(spec, key, out, sample, lengths, strata, holdout, counts, report_inputs)
+    if packed is None:
+        return _write(spec, key, out, sample, lengths, strata, holdout, counts, report_inputs)
+    # Packed: the rows are the token sequences quantize feeds; the report compares the texts they were cut from.
+    report_inputs["sample_texts"] = pd.DataFrame({"n_tokens": lengths, "stratum": strata})
+    n = spec.max_tokens
+    return _write(spec, key, out, tokenizer.batch_decode(packed), [n] * len(packed), ["packed"] * len(packed),
+                  holdout, counts, report_inputs, {"input_ids": packed})
 
 
 def _write(spec: CalibrationSpec, key: str, out: Path, sample: list[str], lengths: list[int], strata: list[str],
@@ -176,12 +217,15 @@ def _write(spec: CalibrationSpec, key: str, out: Path, sample: list[str], length
         calib.to_parquet(tmp / "calibration.parquet", index=False)
         pd.DataFrame({"text": holdout}).to_parquet(tmp / "holdout.parquet", index=False)
         report_inputs["reference"].to_parquet(tmp / "reference.parquet", index=False)
+        if "sample_texts" in report_inputs:
+            report_inputs["sample_texts"].to_parquet(tmp / "sample_texts.parquet", index=False)
         if "first_n" in report_inputs:
             report_inputs["first_n"].to_parquet(tmp / "first_n.parquet", index=False)
         (tmp / "source.json").write_text(json.dumps(report_inputs["source"], indent=1, sort_keys=True))
         manifest = store.write_manifest(tmp, {
             "stage": "calibrate", "key": key, "spec": spec.model_dump(mode="json"), "stats": stats,
-            "digest": store.key_of(sample, spec.max_tokens), "holdout_digest": store.key_of(holdout),
+            "digest": store.key_of(sample, spec.max_tokens, *([extra_columns["input_ids"]] if spec.pack else [])),
+            "holdout_digest": store.key_of(holdout),
         })
     log.info("calibration set: %d texts, tokens p50 %d, %d duplicates removed, %d held out",
              stats["count"], stats["tokens_p50"], stats["duplicates_removed"], stats["holdout"])

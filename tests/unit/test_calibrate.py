@@ -62,3 +62,48 @@ def test_wrong_text_field_is_named(tiny_model_dir, tmp_path):
     with pytest.raises(ValueError, match="calibration.text_field"):
         calibrate.calibrate(spec(source="files", paths=[str(data)], samples=1), model_dir=str(tiny_model_dir),
                             base_dir=tmp_path)
+
+
+def test_packing_reaches_more_sequences_than_there_are_texts(tiny_model_dir, tmp_path):
+    """200 short texts (~10-20 tokens each) make 24 sequences of exactly 64 tokens, EOS between texts; quantize then
+    calibrates on those token ids."""
+    from transformers import AutoTokenizer
+
+    data = tmp_path / "short.jsonl"
+    data.write_text("".join(json.dumps({"text": f"short note {i}: the value is {i * 7}"}) + "\n" for i in range(200)))
+    s = spec(source="files", paths=[str(data)], samples=24, max_tokens=64, min_chars=0, pack=True)
+    unpacked = calibrate.calibrate(s.model_copy(update={"pack": False}), model_dir=str(tiny_model_dir), base_dir=tmp_path)
+    assert unpacked.stats["tokens_max"] < 32  # without packing, short texts stay short
+    art = calibrate.calibrate(s, model_dir=str(tiny_model_dir), base_dir=tmp_path)
+    df = pd.read_parquet(art.calibration_file)
+    assert len(df) == 24 and all(len(ids) == 64 for ids in df["input_ids"])
+    eos = AutoTokenizer.from_pretrained(tiny_model_dir).eos_token_id
+    assert sum(int(t == eos) for ids in df["input_ids"] for t in ids) >= 24 * 64 // 20  # boundaries kept
+    assert 24 < art.stats["packed_from_texts"] < 200
+    sample_texts = pd.read_parquet(f"{art.path}/sample_texts.parquet")  # the report sees the texts, not 64s
+    assert len(sample_texts) == art.stats["packed_from_texts"] and sample_texts["n_tokens"].max() < 64
+    with pytest.raises(ValueError, match=r"calibration.pack: 400 sequences x 64 tokens need 25600 tokens"):
+        calibrate.calibrate(s.model_copy(update={"samples": 400}), model_dir=str(tiny_model_dir), base_dir=tmp_path)
+
+
+def test_packing_is_refused_for_request_logs(tmp_path):
+    with pytest.raises(ValueError, match="calibration.pack applies to"):
+        CalibrationSpec(source="request_log", paths=["x.jsonl"], pack=True)
+
+
+def test_packed_calibration_feeds_quantize_token_ids(tiny_model_dir, tmp_path):
+    from tasks import quantize
+
+    data = tmp_path / "short.jsonl"
+    data.write_text("".join(json.dumps({"text": f"note {i}: value {i * 3}"}) + "\n" for i in range(120)))
+    s = spec(source="files", paths=[str(data)], samples=8, max_tokens=32, min_chars=0, pack=True)
+    art = calibrate.calibrate(s, model_dir=str(tiny_model_dir), base_dir=tmp_path)
+    seen = []
+    real = quantize.calibration_forward
+    quantize.calibration_forward = lambda m, batches: real(m, (seen.append(b["input_ids"].shape) or b for b in batches))
+    try:
+        q = quantize.quantize(model_dir=str(tiny_model_dir), model_fp="m", calibration_file=art.calibration_file,
+                              calib_digest=art.digest, fmt="fp8", max_tokens=32, batch_size=4)
+    finally:
+        quantize.calibration_forward = real
+    assert q.quant_algo == "FP8" and seen and all(tuple(shape) == (4, 32) for shape in seen)
