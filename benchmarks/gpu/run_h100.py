@@ -8,6 +8,9 @@ metrics, verdicts, registry tags) is written as JSON.
 
     python benchmarks/gpu/run_h100.py --recipe recipes/gpu-h100.yaml --out results.json \
         [--shaped-model-tokenizer DIR]   # no GGUF on the host: a SmolLM2-shaped Llama (random init) + this tokenizer
+        [--latency-concurrency 1 4 --latency-requests 8]   # the latency load (default: the recipe's)
+
+The record is rewritten after every stage ("complete": false until the end), so a killed run keeps what it measured.
 """
 
 from __future__ import annotations
@@ -48,6 +51,9 @@ def main() -> None:
     ap.add_argument("--out", default="gpu-results.json")
     ap.add_argument("--shaped-model-tokenizer", type=Path)
     ap.add_argument("--set", action="append", default=[], help="recipe override key.path=value")
+    ap.add_argument("--latency-concurrency", type=int, nargs="+",
+                    help="latency load: concurrency levels (default: the recipe's latency.concurrency)")
+    ap.add_argument("--latency-requests", type=int, help="latency load: requests per level (default: the recipe's)")
     args = ap.parse_args()
 
     from recipes.schema import load_recipe
@@ -55,6 +61,10 @@ def main() -> None:
     from tasks.targets import make_plan
 
     overrides = list(args.set)
+    if args.latency_concurrency:
+        overrides.append(f"latency.concurrency=[{', '.join(map(str, args.latency_concurrency))}]")
+    if args.latency_requests:
+        overrides.append(f"latency.requests={args.latency_requests}")
     if args.shaped_model_tokenizer:
         model_dir = shaped_model(args.shaped_model_tokenizer, store.home() / "shaped-smollm2")
         overrides += ["model.source=hf_dir", f"model.path={model_dir}"]
@@ -62,15 +72,32 @@ def main() -> None:
     device = store.local_device()
     plan = make_plan(recipe, device)
     record: dict = {"device": device, "toolchain": store.toolchain(), "stages": [], "rows": [],
-                    "plan": [p.__dict__ for p in plan.pairs], "recipe": recipe.model_dump(mode="json")}
+                    "plan": [p.__dict__ for p in plan.pairs], "recipe": recipe.model_dump(mode="json"),
+                    "complete": False}
+    out = Path(args.out)
+
+    def flush() -> None:
+        """Rewrite the record (atomically): a run killed part-way keeps every stage it measured."""
+        tmp = out.with_suffix(out.suffix + ".tmp")
+        tmp.write_text(json.dumps(record, indent=2, default=str))
+        os.replace(tmp, out)
 
     def timed(name, subject, fn, **kw):
         t = time.perf_counter()
-        result = fn(**kw)
+        try:
+            result = fn(**kw)
+        except Exception as exc:
+            record["stages"].append({"stage": name, "subject": subject, "error": f"{type(exc).__name__}: {exc}",
+                                     "seconds": round(time.perf_counter() - t, 2)})
+            flush()
+            raise
         record["stages"].append({"stage": name, "subject": subject, "seconds": round(time.perf_counter() - t, 2),
                                  "cached": getattr(result, "cached", False)})
         print(f"{name:10s} {subject:24s} {record['stages'][-1]['seconds']:8.2f} s", flush=True)
+        flush()
         return result
+
+    flush()
 
     model = timed("import", recipe.model.slug, import_model.import_model, spec=recipe.model, base_dir=base_dir)
     calib = timed("calibrate", recipe.calibration.source, calibrate.calibrate, spec=recipe.calibration,
@@ -149,7 +176,8 @@ def main() -> None:
                 name=registry.registered_name(recipe.registry.name, target.backend), arch=plan.target_arch[target.name])
         except LookupError as exc:
             record.setdefault("resolve", {})[target.name] = str(exc)
-    Path(args.out).write_text(json.dumps(record, indent=2, default=str))
+    record["complete"] = True
+    flush()
     for row in record["rows"]:
         ppl = row.get("accuracy", {}).get("holdout_perplexity", {}).get("word_perplexity")
         print(f"{row['format']:9s} {row['target']:6s} {row['status']:9s} ppl={ppl} "
