@@ -214,8 +214,8 @@ def _check_target(target, device: dict, quant: dict | None, release: str, checkp
     why = invalid_reason(FORMAT_OF_QUANT_ALGO[algo], device["arch"], backend=NAME, quant_device="cuda",
                          engine=target.engine, kv_cache=KV_OF_QUANT_ALGO.get(kv, "none"),
                          release=release, kv_cache_dtype=target.kv_cache_dtype) if algo else None
-    if why is None and not algo and target.engine == "legacy":
-        why = engine_reason("legacy", release)
+    if why is None and not algo:  # an unquantized checkpoint (the baseline): the engine kind still needs its release
+        why = engine_reason(target.engine, release)
     if why:
         raise TrtllmError(f"{where} on this worker (TensorRT-LLM {release}): {why}")
     if target.engine == "legacy":
