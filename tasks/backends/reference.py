@@ -99,6 +99,27 @@ def lm_eval_model(profile_dir: Path, *, batch_size: int, max_length: int) -> Ite
             del model
 
 
+def generator(profile_dir: Path):
+    """Load the profile once; return ``generate(prompts, max_new_tokens) -> completions`` (greedy), for the
+    registry's pyfunc model (registry/pyfunc_model.py)."""
+    import torch
+
+    with MODEL_LOCK:
+        model, tokenizer = load_model(Path(profile_dir))
+
+    def generate(prompts: list[str], max_new_tokens: int) -> list[str]:
+        completions = []
+        with MODEL_LOCK, torch.no_grad():
+            for prompt in prompts:
+                ids = tokenizer(prompt, return_tensors="pt").to(model.device)
+                out = model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False,
+                                     pad_token_id=tokenizer.pad_token_id)
+                completions.append(tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True))
+        return completions
+
+    return generate
+
+
 @contextlib.contextmanager
 def serve(profile_dir: Path, *, host: str = "127.0.0.1", port: int, log_file: Path) -> Iterator[str]:
     """The profile behind an OpenAI-compatible endpoint (tasks/backends/reference_server.py); yields the base URL."""
