@@ -32,7 +32,7 @@ def configure(*, offline: bool) -> None:
 def flow_run_env(*, offline: bool) -> dict[str, str]:
     """What every flow run's process needs, wherever it runs: `enginewright run` sets these in its own process;
     deployments (flows/deploy.py) pass them to workers as the job's environment."""
-    env = {"PREFECT_LOGGING_EXTRA_LOGGERS": "enginewright,tasks", "TOKENIZERS_PARALLELISM": "false",
+    env = {"PREFECT_LOGGING_EXTRA_LOGGERS": "enginewright,tasks,registry", "TOKENIZERS_PARALLELISM": "false",
            "HF_UPDATE_DOWNLOAD_COUNTS": "0", "MLFLOW_ENABLE_ASYNC_LOGGING": "false",
            "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true"}
     if offline:
