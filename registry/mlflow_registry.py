@@ -267,11 +267,15 @@ def _versions_with(c: MlflowClient, name: str, fingerprint: str) -> list[str]:
 
 def _log_profile_model(run_id: str, profile_dir: str) -> str:
     """Upload the profile as a pyfunc model of the candidate run; returns its model URI."""
+    import tempfile
+
     from registry import pyfunc_model
 
-    with mlflow.start_run(run_id=run_id):
+    with tempfile.TemporaryDirectory(dir=store.home()) as staging, mlflow.start_run(run_id=run_id):
+        staged = Path(staging) / pyfunc_model.PROFILE  # artifacts keep their directory's name: call it "profile"
+        store.link_or_copy_tree(Path(profile_dir), staged)
         info = mlflow.pyfunc.log_model(name=pyfunc_model.PROFILE, python_model=pyfunc_model.__file__,
-                                       artifacts={pyfunc_model.PROFILE: str(profile_dir)},
+                                       artifacts={pyfunc_model.PROFILE: str(staged)},
                                        signature=pyfunc_model.SIGNATURE,
                                        pip_requirements=[f"enginewright=={store.version_of('enginewright') or '0.1.0'}"])
     return info.model_uri

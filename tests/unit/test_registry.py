@@ -8,6 +8,7 @@ from registry import mlflow_registry as reg
 def _register(tmp_path, name, fmt, arch, degradation, fp):
     profile = tmp_path / fp
     profile.mkdir(exist_ok=True)
+    (profile / "runtime.yaml").write_text(f"profile: {fp}\n")
     exp = reg.experiment_id("test")
     run = reg.client().create_run(exp).info.run_id
     return reg.register_version(name=name, profile_dir=str(profile), fingerprint=fp, run_id=run,
@@ -71,6 +72,7 @@ def test_resolve_by_gpu_name_prefers_a_version_built_on_that_gpu(tmp_path):
     def register(fp, gpu, fmt="fp8", degradation=0.01):
         profile = tmp_path / fp
         profile.mkdir()
+        (profile / "runtime.yaml").write_text(f"profile: {fp}\n")
         run = reg.client().create_run(reg.experiment_id("test")).info.run_id
         return reg.register_version(name="fleet", profile_dir=str(profile), fingerprint=fp, run_id=run,
                                     tags={"quant_format": fmt, "gpu_arch": "sm_90", "gpu_name": gpu, "tp_size": 1,
@@ -97,3 +99,42 @@ def test_resolve_by_gpu_name_prefers_a_version_built_on_that_gpu(tmp_path):
     answer = json.loads((r := CliRunner().invoke(app, ["resolve", "fleet", "--gpu", "sm_90"])).output[
         r.output.index("{"):])
     assert answer["version"] == h100 and answer["matched"] == "arch"
+
+
+def test_a_registered_version_holds_the_files_and_a_tampered_download_is_refused(tmp_path):
+    """The version's files live in MLflow's artifact store: a download verifies them; one flipped byte is named."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+    from tasks import store
+
+    profile = tmp_path / "built"
+    with store.atomic_dir(profile) as tmp:
+        (tmp / "checkpoint").mkdir()
+        (tmp / "checkpoint" / "model.safetensors").write_bytes(bytes(range(256)) * 8)
+        store.write_manifest(tmp, {"key": "k", "backend": "reference"})
+    run = reg.client().create_run(reg.experiment_id("test")).info.run_id
+    v, _ = reg.register_version(name="held", profile_dir=str(profile), fingerprint="fp-held", run_id=run,
+                                tags={"quant_format": "fp8", "gpu_arch": "sm_90"}, description="what was certified")
+    reg.promote(name="held", version=v, alias="champion-sm90", challenger_alias="challenger-sm90")
+    assert reg.client().get_model_version("held", v).description == "what was certified"
+    runner = CliRunner()
+    dest = tmp_path / "fetched"
+    ok = runner.invoke(app, ["resolve", "held", "--gpu", "H100", "--download", str(dest)])
+    assert ok.exit_code == 0, ok.output
+    answer = json.loads(ok.stdout[ok.stdout.index("{"):])
+    weights = dest / "artifacts" / "profile" / "checkpoint" / "model.safetensors"
+    assert answer["profile_dir"] == str(weights.parents[1]) and answer["files_checked"] == "sha256"
+    assert weights.read_bytes() == (profile / "checkpoint" / "model.safetensors").read_bytes()
+    data = bytearray(weights.read_bytes())
+    data[100] ^= 1
+    weights.write_bytes(bytes(data))
+    refused = runner.invoke(app, ["resolve", "held", "--gpu", "H100", "--download", str(dest)])
+    assert refused.exit_code == 3 and "checkpoint/model.safetensors: sha256" in refused.output
+    fast = runner.invoke(app, ["resolve", "held", "--gpu", "H100", "--download", str(dest), "--fast"])
+    assert fast.exit_code == 0 and json.loads(fast.stdout[fast.stdout.index("{"):])["files_checked"] == "sizes"
+    weights.unlink()
+    gone = runner.invoke(app, ["resolve", "held", "--gpu", "H100", "--download", str(dest), "--fast"])
+    assert gone.exit_code == 3 and "checkpoint/model.safetensors: missing" in gone.output
