@@ -352,7 +352,7 @@ def resolve(*, name: str, arch: str, prefix: str = "champion", tp: int = 1, gpu_
         have = ", ".join(sorted(model.aliases)) or "none"
         raise LookupError(f"registered model '{name}' has no '{alias}' alias: nothing is certified for {arch}"
                           f"{f' with tp={tp}' if tp > 1 else ''} (its aliases: {have})")
-    version = c.get_model_version(name, model.aliases[alias])
+    version = champion = c.get_model_version(name, model.aliases[alias])
     matched = "arch"
     if gpu_name is not None:
         from tasks.targets import gpu_matches
@@ -366,7 +366,8 @@ def resolve(*, name: str, arch: str, prefix: str = "champion", tp: int = 1, gpu_
                 version, matched = max(same_gpu, key=lambda v: int(v.version)), "gpu_name"
     local = version.tags.get("profile_path")
     return {"name": name, "version": str(version.version), "alias": alias, "matched": matched,
-            "model_uri": f"models:/{name}@{alias}", "version_uri": f"models:/{name}/{version.version}",
+            "model_uri": f"models:/{name}@{alias}" if version is champion else f"models:/{name}/{version.version}",
+            "version_uri": f"models:/{name}/{version.version}",
             "source": version.source, "local_profile": local if local and Path(local).is_dir() else None,
             "tags": dict(version.tags), "run_id": version.run_id}
 
