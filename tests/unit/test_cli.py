@@ -18,6 +18,7 @@ def test_help_examples_survive_the_help_formatter():
 def _champion(tmp_path, name="cli-model", arch="sm_90"):
     profile = tmp_path / "profile"
     profile.mkdir(exist_ok=True)
+    (profile / "runtime.yaml").write_text("backend: reference\n")
     run = reg.client().create_run(reg.experiment_id("cli")).info.run_id
     v, _ = reg.register_version(name=name, profile_dir=str(profile), fingerprint=f"fp-{arch}", run_id=run,
                                 tags={"quant_format": "fp8", "gpu_arch": arch, "arch_slug": reg.arch_slug(arch)})
