@@ -36,3 +36,28 @@ def test_cuda_quantization_and_sm_arch_profile(tiny_model_dir, calib_file, fmt):
     assert art.manifest["build_options"]["device"] == "cuda"
     with pytest.raises(build.ArtifactMismatch, match="architecture"):
         build.verify_artifact(art.path, device=dict(device, arch="sm_80"))
+
+
+@pytest.mark.parametrize("fmt", ["fp8", "int4_awq"])
+def test_quantizer_state_restores_bit_exactly_on_cuda(tiny_model_dir, tmp_path, fmt):
+    """The CPU test's claim (tests/unit/test_quant_state.py) on the GPU, in bf16 as the quantize stage runs there."""
+    import modelopt.torch.quantization as mtq
+    from transformers import AutoModelForCausalLM
+
+    from tasks import quant_state, quantize
+
+    def load():
+        return AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.bfloat16, device_map="cuda:0").eval()
+
+    model = load()
+    cfg = quantize.build_quant_config(fmt, kv_cache="none", awq_block_size=64 if fmt == "int4_awq" else None)
+    calib = torch.randint(4, 512, (4, 48), generator=torch.Generator().manual_seed(1)).cuda()
+    with quant_state.recording_folds() as folds, torch.no_grad():
+        mtq.quantize(model, cfg, lambda m: m(input_ids=calib, use_cache=False))
+    ids = torch.randint(4, 512, (2, 40), generator=torch.Generator().manual_seed(7)).cuda()
+    with torch.no_grad():
+        expected = model(input_ids=ids).logits
+    quant_state.save(model, tmp_path, base_fingerprint="b", folds=folds)
+    restored = quant_state.restore(load(), tmp_path)
+    with torch.no_grad():
+        assert torch.equal(restored(input_ids=ids).logits, expected)
