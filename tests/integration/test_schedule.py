@@ -15,6 +15,9 @@ TICK = '''from prefect import flow
 
 @flow(name="tick")
 def tick() -> str:
+    from flows.prefect_edge import tag_scheduled_run
+
+    tag_scheduled_run()  # what the certify flow does first: a scheduled run tags itself with the schedule's slug
     return "tock"
 '''
 
@@ -32,7 +35,7 @@ def test_an_interval_schedule_creates_a_run_that_a_worker_completes(prefect_serv
     deployment = api(prefect_server, "POST", "/deployments/", json={
         "name": "every-5s", "flow_id": flow_id, "work_pool_name": "ticks", "entrypoint": "tick.py:tick",
         "pull_steps": [{"prefect.deployments.steps.set_working_directory": {"directory": str(tmp_path)}}],
-        "schedules": [{"schedule": {"interval": 5}, "active": True}]})
+        "schedules": [{"schedule": {"interval": 5}, "active": True, "slug": "every-5s"}]})
     tick_worker = worker("ticks")
 
     deadline = time.monotonic() + 120
@@ -48,4 +51,6 @@ def test_an_interval_schedule_creates_a_run_that_a_worker_completes(prefect_serv
                   f"{[(r['name'], r['state_type']) for r in runs]}\nserver log:\n{prefect_server.tail()}\n"
                   f"worker log:\n{tick_worker.tail()}")
     assert "auto-scheduled" in done[0]["tags"]  # made by the scheduler, not by a person or the API
+    tags = api(prefect_server, "GET", f"/flow_runs/{done[0]['id']}")["tags"]
+    assert {"scheduled", "every-5s"} <= set(tags), tags  # deployment tags would go on manual runs too
     assert done[0]["work_pool_name"] == "ticks"

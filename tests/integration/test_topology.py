@@ -133,6 +133,7 @@ def test_a_signed_webhook_certifies_the_new_version_once(stack):
     assert run["state"]["type"] == "COMPLETED", f"{run['state']}\n{stack.worker.tail()}"
     assert run["parameters"] == {"recipe_path": "recipes/demo.yaml", "overrides": SMALL, "targets": ["local"],
                                  "model_version": "2", "model_location": DEMO_GGUF}
+    assert run["name"] == "demo 2" and "nightly" not in run["tags"]  # recipe + version; not a scheduled run
     # exactly one run came from webhooks, and none besides it ran (the nightly schedule's runs wait for 03:00)
     from_webhooks = prefect_api(stack, "POST", "/flow_runs/filter",
                                 json={"flow_runs": {"tags": {"all_": ["webhook"]}}})
@@ -156,6 +157,7 @@ def test_a_signed_webhook_certifies_the_new_version_once(stack):
     assert mlflow.get_model_version_by_alias(REGISTERED, alias).version == version.version
     source_run = mlflow.get_run(version.tags["source_run_id"])
     assert source_run.data.tags["model_version"] == "2"  # the version CI announced reached the pipeline run
+    assert source_run.data.tags["prefect.flow_run_id"] == run_id  # and the MLflow run points back at the flow run
 
 
 @pytest.mark.skipif(shutil.which("docker-compose") is None,
