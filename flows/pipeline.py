@@ -389,4 +389,4 @@ def _promote(recipe, target, arch, passing, choice, lineage, record: RunRecord) 
 
 
 certify_target_task = task(_certify_target, name="certify-target", cache_policy=NO_CACHE,
-                           task_run_name="target-{target.name}")
+                           task_run_name="target {target.name}")
