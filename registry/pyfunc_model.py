@@ -16,7 +16,7 @@ from mlflow.models import ModelSignature
 from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
 
 PROFILE = "profile"  # the artifact name: <model>/artifacts/profile/ holds the profile's files and manifest
-SIGNATURE = ModelSignature(inputs=Schema([ColSpec("string", "prompt")]), outputs=Schema([ColSpec("string")]),
+SIGNATURE = ModelSignature(inputs=Schema([ColSpec("string")]), outputs=Schema([ColSpec("string")]),
                            params=ParamSchema([ParamSpec("max_new_tokens", "long", 32)]))
 
 
