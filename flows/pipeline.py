@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 from prefect import Task, flow, task
@@ -22,7 +23,7 @@ from flows.quantize_flow import quantize_elsewhere
 from recipes.schema import load_recipe
 from registry import artifact_share
 from registry import mlflow_registry as registry
-from tasks import gates, ladder, promote, quantize, store
+from tasks import gates, ladder, promote, quantize, recover, store
 from tasks.build import BASELINE
 from tasks.evaluate import LM_EVAL_RESULTS, check_item_counts
 from tasks.quantize import QuantizationError
@@ -311,7 +312,7 @@ def _certify(recipe, base_dir, device, plan, record: RunRecord) -> None:
             record.rows += [_row(p.format, target, arch, "skipped", p.skip_reason) for p in pairs]
             continue
         futures[target.name] = certify_target_task.submit(recipe, target, arch, pairs, model, calib, quantized,
-                                                          quant_errors, device, lineage, record)
+                                                          quant_errors, device, lineage, record, base_dir=base_dir)
     for name, future in futures.items():
         try:
             future.result()
@@ -321,7 +322,7 @@ def _certify(recipe, base_dir, device, plan, record: RunRecord) -> None:
 
 
 def _certify_target(recipe, target, arch, pairs, model, calib, quantized, quant_errors, device, lineage,
-                    record: RunRecord) -> None:
+                    record: RunRecord, base_dir: Path | None = None) -> None:
     load = recipe.gated_load
     speed_note = gates.latency_note(target.backend, recipe.gates)  # None: latency decides on this target
     # Each nested MLflow run spans its work (build, validation, gates): created first, ended when it is done.
@@ -337,7 +338,7 @@ def _certify_target(recipe, target, arch, pairs, model, calib, quantized, quant_
     record.rows.append(_row(BASELINE, target, arch, "baseline", accuracy=base_acc.metrics, latency=base_lat.summary,
                             latency_note=speed_note))
 
-    rungs, profiles = [], {}
+    rungs, profiles, recovering = [], {}, False
     for pair in pairs:
         if pair.skip_reason or pair.format in quant_errors:
             record.rows.append(_row(pair.format, target, arch, "skipped", pair.skip_reason or quant_errors[pair.format]))
@@ -346,32 +347,25 @@ def _certify_target(recipe, target, arch, pairs, model, calib, quantized, quant_
             record.rows.append(_row(pair.format, target, arch, "not evaluated",
                                     f"first_passing: {rungs[-1]['format']} already passed"))
             continue
-        q = quantized[pair.format]
-        with registry.child_run(
-                record.run_id, run_name=f"{pair.format}@{target.name}", tags={"role": "candidate"},
-                params={"format": pair.format, "target": target.name, "arch": arch, "quant_algo": q.quant_algo,
-                        "awq_block_size": q.awq_block_size, "kv_cache": recipe.quantization.kv_cache}) as run_id:
-            profile = _timed(record, "build", f"{pair.format}@{target.name}", build_task, model_slug=model.name,
-                             checkpoint_dir=quantize.checkpoint_for(q, target),
-                             checkpoint_fp=q.fingerprint, fmt=pair.format, quant_algo=q.quant_algo, target=target,
-                             device=device)
-            acc, lat = _validate(record, recipe, calib, profile, device)
-            decision = gate_task.with_options(task_run_name=f"gate {pair.format}@{target.name}")(
-                baseline_items_file=base_acc.items_file, candidate_items_file=acc.items_file,
-                baseline_latency=base_lat.summary[load], candidate_latency=lat.summary[load], gates=recipe.gates,
-                latency_note=speed_note)
-            registry.set_tags(run_id, {"decision": decision.status, "artifact_fingerprint": profile.fingerprint,
-                                       **gates.latency_tags(speed_note, lat.summary[load])})
-            _log_measurements(run_id, acc, lat, baseline=base_acc, decision=decision)
-            registry.log_dict(run_id, [v.as_dict() for v in decision.verdicts], "gates.json")
-            registry.log_dict(run_id, profile.manifest, "manifest.json")
-        row = _row(pair.format, target, arch, decision.status, decision.reason, accuracy=acc.metrics,
-                   latency=lat.summary, verdicts=[v.as_dict() for v in decision.verdicts], run_id=run_id,
-                   latency_note=speed_note)
-        record.rows.append(row)
-        rungs.append({"format": pair.format, "status": decision.status, "reason": decision.reason,
-                      "latency": lat.summary[load]})
-        profiles[pair.format] = (profile, decision, run_id, row)
+        rung, profiles[pair.format] = _evaluate_rung(recipe, target, arch, model, calib, pair.format,
+                                                     quantized[pair.format], (base_acc, base_lat), device, speed_note,
+                                                     record)
+        rungs.append(rung)
+        if not recovering and recover.accuracy_failed(profiles[pair.format][1]):
+            recovering = True  # once per target, after its most aggressive accuracy failure
+            for name, make in recover.recovery_rungs(recipe, base_dir, pair.format, quantized[pair.format], target,
+                                                     arch, model, calib, timed=partial(_timed, record)):
+                if not ladder.keep_going(recipe.ladder.strategy, [r["status"] for r in rungs]):
+                    record.rows.append(_row(name, target, arch, "not evaluated",
+                                            f"first_passing: {rungs[-1]['format']} already passed"))
+                    continue
+                art = make()
+                if isinstance(art, str):
+                    record.rows.append(_row(name, target, arch, "skipped", art))
+                    continue
+                rung, profiles[name] = _evaluate_rung(recipe, target, arch, model, calib, name, art,
+                                                      (base_acc, base_lat), device, speed_note, record)
+                rungs.append(rung)
     choice = ladder.choose(rungs, strategy=recipe.ladder.strategy, metric=recipe.ladder.metric, arch=arch,
                            speed_note=speed_note)
     record.decisions[target.name] = {"format": choice.format, "reason": choice.reason,
@@ -381,6 +375,42 @@ def _certify_target(recipe, target, arch, pairs, model, calib, quantized, quant_
     log.info("%s: %s", target.name, choice.reason)
     passing = [profiles[r["format"]] for r in rungs if r["status"] == "pass"]
     _promote(recipe, target, arch, passing, choice, lineage, record)
+
+
+def _evaluate_rung(recipe, target, arch, model, calib, fmt, q, base, device, speed_note, record: RunRecord):
+    """Build, validate, gate and record one rung (a PTQ format, or a recovery rung: q is then a RecoveredArtifact);
+    returns the ladder's view of it and (profile, decision, run id, row) for promotion."""
+    load, (base_acc, base_lat) = recipe.gated_load, base
+    recovered = q.lineage() if isinstance(q, recover.RecoveredArtifact) else None
+    with registry.child_run(
+            record.run_id, run_name=f"{fmt}@{target.name}", tags={"role": "recovery" if recovered else "candidate"},
+            params={"format": fmt, "target": target.name, "arch": arch, "quant_algo": q.quant_algo,
+                    "awq_block_size": q.awq_block_size, "kv_cache": recipe.quantization.kv_cache,
+                    **(recovered or {})}) as run_id:
+        profile = _timed(record, "build", f"{fmt}@{target.name}", build_task, model_slug=model.name,
+                         checkpoint_dir=quantize.checkpoint_for(q, target), checkpoint_fp=q.fingerprint, fmt=fmt,
+                         quant_algo=q.quant_algo, target=target, device=device)
+        acc, lat = _validate(record, recipe, calib, profile, device)
+        decision = gate_task.with_options(task_run_name=f"gate {fmt}@{target.name}")(
+            baseline_items_file=base_acc.items_file, candidate_items_file=acc.items_file,
+            baseline_latency=base_lat.summary[load], candidate_latency=lat.summary[load], gates=recipe.gates,
+            latency_note=speed_note)
+        registry.set_tags(run_id, {"decision": decision.status, "artifact_fingerprint": profile.fingerprint,
+                                   **gates.latency_tags(speed_note, lat.summary[load])})
+        _log_measurements(run_id, acc, lat, baseline=base_acc, decision=decision)
+        if recovered and q.loss_curve:
+            registry.log_metric_series(run_id, "qat.kl_loss", q.loss_curve)
+        registry.log_dict(run_id, [v.as_dict() for v in decision.verdicts], "gates.json")
+        registry.log_dict(run_id, profile.manifest, "manifest.json")
+    row = _row(fmt, target, arch, decision.status, decision.reason, accuracy=acc.metrics, latency=lat.summary,
+               verdicts=[v.as_dict() for v in decision.verdicts], run_id=run_id, latency_note=speed_note)
+    rung = {"format": fmt, "status": decision.status, "reason": decision.reason, "latency": lat.summary[load]}
+    if recovered:
+        row |= {"recovery": recovered | {"seconds": q.seconds, "config": q.config, "loss_curve": q.loss_curve},
+                "version_tags": recovered}
+        rung |= {"cost_format": q.cost_format, "weight_bits": q.weight_bits}
+    record.rows.append(row)
+    return rung, (profile, decision, run_id, row)
 
 
 def _promote(recipe, target, arch, passing, choice, lineage, record: RunRecord) -> None:

@@ -283,6 +283,28 @@ class LadderSpec(Strict):
     metric: Literal["output_tokens_per_s", "ttft_ms_p95", "tpot_ms_p95"] = Field("output_tokens_per_s", description="best_measured: the serving metric to optimise, at the gated load profile")
 
 
+class AutoQuantizeSpec(Strict):
+    formats: ListOf(QuantFormat) = Field(min_length=1, description="candidate formats per layer group (ModelOpt adds 'not quantized' itself), e.g. [int4_awq, fp8]")
+    effective_bits: float = Field(gt=0, le=16, description="the budget: average weight bits over the quantizable layers, e.g. 6.0")
+    score_batches: int = Field(16, ge=1, description="calibration batches used to score each layer's sensitivity (num_score_steps); never held-out data")
+    method: Literal["gradient", "kl_div"] = Field("gradient", description="sensitivity score: gradient of the LM loss (ModelOpt's default) or KL divergence to the unquantized outputs")
+
+
+class QatSpec(Strict):
+    steps: int = Field(50, ge=1, le=1_000_000, description="optimizer steps of quantization-aware distillation")
+    lr: float = Field(1e-5, gt=0, lt=1, description="AdamW learning rate")
+    seq_len: int = Field(256, ge=8, le=32_768, description="training sequence length in tokens")
+    batch_size: int = Field(4, ge=1, le=4096, description="sequences per step")
+    samples: int = Field(512, ge=1, le=1_000_000, description="training texts drawn from the calibration source's non-held-out pool (request_log: the calibration set itself)")
+    temperature: float = Field(1.0, gt=0, description="softmax temperature of the KL distillation loss")
+    seed: int = Field(0, description="seeds the training data order")
+
+
+class RecoverySpec(Strict):
+    auto_quantize: AutoQuantizeSpec | None = Field(None, description="after a PTQ rung fails an accuracy gate: ModelOpt AutoQuantize (per-layer formats under an effective-bits budget), scored on calibration data")
+    qat: QatSpec | None = Field(None, description="after a PTQ rung fails an accuracy gate: quantization-aware distillation of that format from the unquantized model (KL on logits)")
+
+
 class RegistrySpec(Strict):
     name: str = Field(description="registered model name prefix; the backend is appended, e.g. smollm2-135m-reference")
     alias_prefix: str = Field("champion", description="alias set per target: <prefix>-<target>")
@@ -298,6 +320,7 @@ class Recipe(Strict):
     latency: LatencySpec = Field(default_factory=LatencySpec)
     gates: GatesSpec = Field(default_factory=GatesSpec)
     ladder: LadderSpec = Field(default_factory=LadderSpec)
+    recovery: RecoverySpec = Field(default_factory=RecoverySpec, description="recovery rungs tried when a PTQ rung fails an accuracy gate (before less aggressive formats)")
     registry: RegistrySpec
 
     @model_validator(mode="after")

@@ -187,6 +187,14 @@ def _dataset_source(calibration_file: str, origin: dict):
     return get_dataset_source_from_json(json.dumps({"uri": uri}), source_type="local")
 
 
+def log_metric_series(run_id: str, key: str, values: list[float]) -> None:
+    """One metric with a value per step (e.g. a training loss curve)."""
+    now = int(time.time() * 1000)
+    metrics = [mlflow.entities.Metric(key, float(v), now, step) for step, v in enumerate(values)]
+    for i in range(0, len(metrics), 1000):  # MLflow's batch limit
+        client().log_batch(run_id, metrics=metrics[i:i + 1000])
+
+
 def end_run(run_id: str, status: str = "FINISHED") -> None:
     client().set_terminated(run_id, status)
 

@@ -76,6 +76,26 @@ def _host(summary: dict) -> str:
     return load if host.get("reliable") else f"**{host.get('note', 'unreliable')}** ({load})"
 
 
+def _recovery_lines(rows: list[dict]) -> list[str]:
+    """One line per recovery rung: what it recovered from, its budget or training config, its loss curve, its time."""
+    out = []
+    for r in rows:
+        rec = r.get("recovery")
+        if not rec:
+            continue
+        cfg, curve = rec.get("config", {}), rec.get("loss_curve") or []
+        if rec["recovery_method"] == "auto_quantize":
+            how = (f"AutoQuantize over {cfg.get('candidates')} under {cfg.get('effective_bits_budget')} effective bits: "
+                   f"reached {cfg.get('effective_bits')} bits, layers {cfg.get('layer_formats')}")
+        else:
+            how = (f"distilled from the unquantized model for {cfg.get('steps')} steps (lr {cfg.get('lr')}, "
+                   f"{cfg.get('batch_size')}x{cfg.get('seq_len')} tokens, {cfg.get('texts')} non-held-out texts); "
+                   f"KL {curve[0]:.4f} → {curve[-1]:.4f}" if curve else "")
+        out.append(f"- **{r['format']}** (recovery rung after {rec['recovered_from']} failed its accuracy gate): "
+                   f"{how}; {rec.get('seconds', 0):.0f} s; {r['status']}")
+    return ["", "Recovery rungs:", *out] if out else []
+
+
 def write_report(*, recipe, rows: list[dict], decisions: dict[str, dict], out_dir: Path) -> Path:
     """Write report.md and one pair of PNGs per target into out_dir; returns the Markdown file."""
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -114,6 +134,7 @@ def write_report(*, recipe, rows: list[dict], decisions: dict[str, dict], out_di
                          f"{num('tpot_ms_p50')}/{num('tpot_ms_p95')} | {num('output_tokens_per_s')} | "
                          f"{_host(lat)} | "
                          f"{r.get('reason', '') if r['status'] not in ('pass', 'baseline') else ''} |")
+        lines += _recovery_lines(trows)
         measured = [r for r in trows if r.get("latency")]
         if measured:
             pareto, latency = out_dir / f"{target}-pareto.png", out_dir / f"{target}-latency.png"

@@ -24,6 +24,11 @@ def test_report_shows_every_rung_the_decision_and_plots(tmp_path):
     ]
     rows[2]["latency"]["concurrency=4"]["host_load"] = {"reliable": False, "note": "unreliable: others busy",
                                                         "load_1m_mean": 3.1, "foreign_cpu_cores_mean": 1.4}
+    rows.append({"format": "int8_sq+qat", "target": "local", "arch": "cpu-x86_64", "status": "pass",
+                 "reason": "all gates passed", "latency": lat(6, 700), "verdicts": ppl(0.05, 0.07, "pass"),
+                 "recovery": {"recovery_method": "qat", "recovered_from": "int8_sq", "seconds": 312.4,
+                              "config": {"steps": 60, "lr": 5e-5, "batch_size": 4, "seq_len": 128, "texts": 512},
+                              "loss_curve": [0.31, 0.2, 0.12]}})
     note = "reference runtime (fake quantization): not a deployment number; measured and reported"
     path = write_report(recipe=recipe, rows=rows, out_dir=tmp_path,
                         decisions={"local": {"format": "fp8", "reason": "fp8 passed", "latency_note": note}})
@@ -32,6 +37,9 @@ def test_report_shows_every_rung_the_decision_and_plots(tmp_path):
     assert "| int8_sq | fail | +15.00% (≤+19.00%)" in text and "ppl too high" in text
     assert "concurrency=4" in text
     assert f"**Latency did not decide:** {note}" in text
+    assert "| int8_sq+qat | pass | +5.00% (≤+7.00%)" in text
+    assert ("**int8_sq+qat** (recovery rung after int8_sq failed its accuracy gate): distilled from the unquantized "
+            "model for 60 steps (lr 5e-05, 4x128 tokens, 512 non-held-out texts); KL 0.3100 → 0.1200; 312 s") in text
     assert "**unreliable: others busy** (load 3.1, others 1.4 cores)" in text
     assert (tmp_path / "local-pareto.png").stat().st_size > 1000
     assert (tmp_path / "local-latency.png").stat().st_size > 1000
