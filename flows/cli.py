@@ -316,8 +316,10 @@ def resolve(model: str = typer.Argument(..., help="registered model name, e.g. s
     if download or verify:
         checks = {"full": not fast, "sizes_only": fast}
         try:
-            if download is None and answer["local_profile"]:
-                profile = Path(answer["local_profile"])
+            local = answer["local_profile"]
+            if download is None and local and (store.read_manifest(Path(local)) or {}).get("content_hash") == \
+                    answer["tags"].get("artifact_fingerprint"):  # this host built the very artifact registered
+                profile = Path(local)
                 store.check(profile, **checks)
             else:
                 dest = download or store.home() / "downloads" / model / f"v{answer['version']}"
