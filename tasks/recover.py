@@ -355,11 +355,14 @@ def _qat(model_dir, ptq, texts, spec, device, key, parts, out) -> dict:
     order = torch.randperm(len(windows), generator=torch.Generator().manual_seed(spec.seed))
     loss_fn = LogitsDistillationLoss(temperature=spec.temperature, reduction="none")
     optimizer = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=spec.lr)
+    # a step is a teacher forward, a student forward and its backward (~2 forwards): ~4 teacher forwards
+    probe = _probe_seconds(teacher, {"input_ids": windows[order[:spec.batch_size]].to(device)})
     student.train()
     curve: list[float] = []
-    log.info("qat of %s on %s: %d steps x %d x %d tokens from %d windows (%d texts), lr %g; ~%.1f GiB needed of "
-             "%.1f GiB free", ptq.format, device, spec.steps, spec.batch_size, spec.seq_len, len(windows), len(texts),
-             spec.lr, need / GIB, free)
+    log.info("qat of %s on %s: %d steps x %d x %d tokens from %d windows (%d texts), lr %g; ~%.0f s estimated "
+             "(one forward %.2f s); ~%.1f GiB needed of %.1f GiB free", ptq.format, device, spec.steps,
+             spec.batch_size, spec.seq_len, len(windows), len(texts), spec.lr, 4 * probe * spec.steps, probe,
+             need / GIB, free)
     for step in range(spec.steps):
         picks = [order[(step * spec.batch_size + j) % len(windows)] for j in range(spec.batch_size)]
         batch = windows[torch.stack(picks)].to(device)
