@@ -19,8 +19,6 @@ from mlflow.exceptions import MlflowException
 
 from tasks import liveness, store
 
-# Cheaper to serve first: the ladder's notion of "better" when two versions both pass.
-FORMAT_COST = {"nvfp4": 0, "int4_awq": 1, "w4a8_awq": 2, "fp8": 3, "int8_sq": 3, "none": 9}
 
 
 def tracking_uri() -> str:
@@ -220,171 +218,6 @@ def fail_abandoned_runs() -> list[dict]:
     return marked
 
 
-def registered_name(registry_name: str, backend: str) -> str:
-    return f"{registry_name}-{backend}"
-
-
-def arch_slug(arch: str) -> str:
-    """The arch as aliases spell it: sm_90 -> sm90, cpu-x86_64 -> cpu-x86-64. Versions carry it as the tag
-    `arch_slug` next to `gpu_arch` (the arch as manifests spell it), so a version names its own alias."""
-    return arch.replace("sm_", "sm").replace("_", "-")
-
-
-def alias_for(prefix: str, arch: str, tp: int = 1) -> str:
-    """Per-architecture alias, e.g. champion-sm90, champion-cpu-x86-64; tensor-parallel builds add -tp<N>."""
-    return f"{prefix}-{arch_slug(arch)}" + (f"-tp{tp}" if tp > 1 else "")
-
-
-def register_version(*, name: str, profile_dir: str, fingerprint: str, run_id: str, tags: dict,
-                     description: str | None = None) -> tuple[str, bool]:
-    """Register a passing profile as an MLflow model version whose artifacts are the profile's files (uploaded to
-    the run's artifact store, so any host can fetch ``models:/NAME/VERSION``). Idempotent by artifact fingerprint,
-    also across processes and hosts: a version already holding this fingerprint is returned, and when two
-    registrations race, the lowest version wins and the others are deleted. Returns (version, newly_created)."""
-    c = client()
-    with store.lock(store.home() / "locks" / f"register-{store.key_of(name, fingerprint)[:24]}"):  # this host
-        _ensure_registered_model(c, name)
-        existing = _versions_with(c, name, fingerprint)
-        if existing:
-            return existing[0], False
-        all_tags = {k: str(v) for k, v in tags.items() if v is not None} | {"artifact_fingerprint": fingerprint}
-        model_uri = _log_profile_model(run_id, profile_dir)
-        created = mlflow.register_model(model_uri, name, tags=all_tags)
-        if description:
-            c.update_model_version(name, created.version, description=description)
-    same = _versions_with(c, name, fingerprint)  # other hosts may have raced us
-    winner = same[0] if same else str(created.version)
-    for extra in same[1:]:
-        if extra == str(created.version):
-            c.delete_model_version(name, extra)
-    return winner, winner == str(created.version)
-
-
-def _ensure_registered_model(c: MlflowClient, name: str) -> None:
-    try:
-        c.create_registered_model(name)
-    except MlflowException as exc:
-        if "already exists" not in str(exc).lower() and "RESOURCE_ALREADY_EXISTS" not in str(exc):
-            raise
-
-
-def _versions_with(c: MlflowClient, name: str, fingerprint: str) -> list[str]:
-    found = c.search_model_versions(f"name='{name}' and tags.artifact_fingerprint='{fingerprint}'")
-    return sorted((str(v.version) for v in found), key=int)
-
-
-def _log_profile_model(run_id: str, profile_dir: str) -> str:
-    """Upload the profile as a pyfunc model of the candidate run; returns its model URI."""
-    import tempfile
-
-    from registry import pyfunc_model
-
-    with tempfile.TemporaryDirectory(dir=store.home()) as staging, mlflow.start_run(run_id=run_id):
-        staged = Path(staging) / pyfunc_model.PROFILE  # artifacts keep their directory's name: call it "profile"
-        store.link_or_copy_tree(Path(profile_dir), staged)
-        info = mlflow.pyfunc.log_model(name=pyfunc_model.PROFILE, python_model=pyfunc_model.__file__,
-                                       artifacts={pyfunc_model.PROFILE: str(staged)},
-                                       signature=pyfunc_model.SIGNATURE,
-                                       pip_requirements=[f"enginewright=={store.version_of('enginewright') or '0.1.0'}"])
-    return info.model_uri
-
-
-def download(name: str, version: str, dest: Path, *, full: bool = True, sizes_only: bool = False) -> Path:
-    """Fetch a version's files into ``dest`` (kept when it already holds them) and verify them; returns the profile
-    directory. Raises store.ArtifactDamaged naming each file that differs."""
-    from registry.pyfunc_model import PROFILE
-
-    dest = Path(dest)
-    profile = dest / "artifacts" / PROFILE
-    if store.read_manifest(profile) is None:
-        client()
-        mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{version}", dst_path=str(dest))
-    store.check(profile, full=full, sizes_only=sizes_only)
-    return profile
-
-
-def _rank(tags: dict) -> tuple:
-    return (FORMAT_COST.get(tags.get("quant_format", ""), 8), float(tags.get("accuracy_degradation", "inf")))
-
-
-def promote(*, name: str, version: str, alias: str, challenger_alias: str, rank=None, compare=None) -> dict:
-    """Move `alias` to `version` when it beats the current champion; otherwise point `challenger_alias` at it.
-
-    `compare(candidate_tags, champion_tags) -> (wins, why)` decides; without it `rank(tags) -> tuple` orders
-    versions, smaller is better (default: cheaper format, then smaller degradation). Returns what happened.
-    """
-    rank = rank or _rank
-    compare = compare or (lambda cand, champ: (rank(cand) < rank(champ), "ranked by format cost, then accuracy loss"))
-    c = client()
-    candidate = c.get_model_version(name, version)
-    try:
-        champion = c.get_model_version_by_alias(name, alias)
-    except MlflowException:
-        champion = None
-    if champion is not None and str(champion.version) == str(version):
-        return {"alias": alias, "action": "kept", "version": version, "previous": version}
-    wins, why = (True, "no champion yet") if champion is None else compare(candidate.tags, champion.tags)
-    if wins:
-        c.set_registered_model_alias(name, alias, version)
-        return {"alias": alias, "action": "moved", "version": version,
-                "previous": None if champion is None else str(champion.version), "reason": why}
-    c.set_registered_model_alias(name, challenger_alias, version)
-    return {"alias": challenger_alias, "action": "challenger", "version": version, "previous": str(champion.version),
-            "reason": f"champion v{champion.version} ({champion.tags.get('quant_format')}) ranks at least as well: "
-                      f"{why}"}
-
-
-class UnknownModel(LookupError):
-    """No registered model of that name."""
-
-
-def resolve(*, name: str, arch: str, prefix: str = "champion", tp: int = 1, gpu_name: str | None = None) -> dict:
-    """What an `arch` node should serve: the champion version of `name` for that arch, its ``models:/`` URI, the
-    place of its profile in this host's store (when this host built it), and its tags.
-
-    With `gpu_name` (a catalogue name such as H20): GPUs of one arch differ in memory and SM count, so a version
-    built on that GPU is preferred to the arch's champion built on another: the champion when it was, else the
-    newest certified version for this arch and tp whose `gpu_name` tag names it; the arch's champion otherwise.
-    `matched` says which ("gpu_name" or "arch").
-
-    Raises UnknownModel when `name` is not registered, LookupError when nothing is certified for `arch`."""
-    c = client()
-    try:
-        model = c.get_registered_model(name)
-    except MlflowException:
-        known = sorted(m.name for m in c.search_registered_models(max_results=100))
-        raise UnknownModel(f"no registered model '{name}' at {tracking_uri()} "
-                           f"(registered: {', '.join(known) or 'none'})") from None
-    alias = alias_for(prefix, arch, tp)
-    if alias not in model.aliases:
-        have = ", ".join(sorted(model.aliases)) or "none"
-        raise LookupError(f"registered model '{name}' has no '{alias}' alias: nothing is certified for {arch}"
-                          f"{f' with tp={tp}' if tp > 1 else ''} (its aliases: {have})")
-    version = champion = c.get_model_version(name, model.aliases[alias])
-    matched = "arch"
-    if gpu_name is not None:
-        from tasks.targets import gpu_matches
-
-        if gpu_matches(gpu_name, version.tags.get("gpu_name")):
-            matched = "gpu_name"
-        else:
-            same_gpu = [v for v in c.search_model_versions(f"name='{name}' and tags.gpu_arch='{arch}'")
-                        if gpu_matches(gpu_name, v.tags.get("gpu_name")) and str(v.tags.get("tp_size", 1)) == str(tp)]
-            if same_gpu:
-                version, matched = max(same_gpu, key=lambda v: int(v.version)), "gpu_name"
-    local = version.tags.get("profile_path")
-    return {"name": name, "version": str(version.version), "alias": alias, "matched": matched,
-            "model_uri": f"models:/{name}@{alias}" if version is champion else f"models:/{name}/{version.version}",
-            "version_uri": f"models:/{name}/{version.version}",
-            "source": version.source, "local_profile": local if local and Path(local).is_dir() else None,
-            "tags": dict(version.tags), "run_id": version.run_id}
-
-
-def find_versions(filter_string: str) -> list[dict]:
-    return [{"name": v.name, "version": str(v.version), "source": v.source, "tags": dict(v.tags)}
-            for v in client().search_model_versions(filter_string)]
-
-
 def dumps(obj) -> str:
     return json.dumps(obj, indent=2, sort_keys=True, default=str)
 
@@ -408,3 +241,9 @@ def log_representativeness(run_id: str, *, report: dict, markdown: str, strata: 
 
         c.log_figure(run_id, figure, "representativeness/report.png")
         plt.close(figure)
+
+
+# The model registry (versions, aliases, promotion, resolve, download) lives in registry/model_registry.py; its names
+# are re-exported here so callers keep one `registry` module. Imported last: it uses client() defined above.
+from registry.model_registry import (FORMAT_COST, UnknownModel, alias_for, arch_slug, download,  # noqa: E402,F401
+                                     find_versions, promote, register_version, registered_name, resolve)
