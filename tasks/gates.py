@@ -122,16 +122,25 @@ def latency_verdicts(baseline: dict, candidate: dict, gates: GatesSpec) -> list[
         value = candidate.get(key)
         ok = value is not None and value <= limit
         verdicts.append(GateVerdict(gate_name, baseline.get(key), value, value, None, limit, candidate.get("requests"),
-                                    "pass" if ok else "fail", f"{key} {value:.1f} ms vs SLO {limit:.1f} ms"))
+                                    "pass" if ok else "fail", f"{key} {_ms(value)} vs SLO {limit:.1f} ms"))
     if gates.latency.min_speedup is not None:
         b, c = baseline.get("output_tokens_per_s"), candidate.get("output_tokens_per_s")
         speedup = c / b if b and c else None
         ok = speedup is not None and speedup >= gates.latency.min_speedup
         verdicts.append(GateVerdict("min_speedup", b, c, speedup, None, gates.latency.min_speedup,
                                     candidate.get("requests"), "pass" if ok else "fail",
-                                    f"output tokens/s {c:.1f} vs baseline {b:.1f}: speedup {speedup:.2f}x, "
+                                    f"output tokens/s {_num(c)} vs baseline {_num(b)}: speedup "
+                                    f"{'not measured' if speedup is None else f'{speedup:.2f}x'}, "
                                     f"minimum {gates.latency.min_speedup:.2f}x"))
     return verdicts
+
+
+def _num(value) -> str:
+    return "not measured (no request succeeded)" if value is None else f"{value:.1f}"
+
+
+def _ms(value) -> str:
+    return "not measured (no request succeeded)" if value is None else f"{value:.1f} ms"
 
 
 def latency_note(backend_name: str, gates: GatesSpec) -> str | None:
