@@ -26,6 +26,18 @@ def postgres() -> Postgres:
 
 
 @pytest.fixture(scope="module")
+def prefect_harness(tmp_path_factory):
+    """Prefect's test harness (a temporary API on its own SQLite database) for one test module's in-process flows."""
+    import os
+
+    os.environ["PREFECT_HOME"] = str(tmp_path_factory.mktemp("prefect-home"))
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+@pytest.fixture(scope="module")
 def prefect_server(postgres, tmp_path_factory) -> Service:
     """A Prefect server on its own PostgreSQL database; `.url` is its API URL (…/api)."""
     server = start_prefect_server(postgres, f"prefect_{next(_databases)}", tmp_path_factory.mktemp("prefect-server"))

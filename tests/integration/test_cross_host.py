@@ -6,7 +6,6 @@ home resolves the champion, downloads and verifies it, and loads it with the ref
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import time

@@ -8,17 +8,6 @@ import yaml
 pytestmark = pytest.mark.integration
 
 
-@pytest.fixture(scope="module")
-def prefect_harness(tmp_path_factory):
-    import os
-
-    os.environ["PREFECT_HOME"] = str(tmp_path_factory.mktemp("prefect-home"))
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=120):
-        yield
-
-
 def test_targets_fan_out_and_fail_independently(prefect_harness, tiny_model_dir, tmp_path, monkeypatch):
     from flows.pipeline import certify
     from tasks.backends import reference

@@ -7,17 +7,6 @@ import yaml
 pytestmark = pytest.mark.integration
 
 
-@pytest.fixture(scope="module")
-def prefect_harness(tmp_path_factory):
-    import os
-
-    os.environ["PREFECT_HOME"] = str(tmp_path_factory.mktemp("prefect-home"))
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=120):
-        yield
-
-
 def test_a_failing_format_is_recorded_and_the_others_go_on(prefect_harness, tiny_gpt2, tmp_path, monkeypatch):
     from flows.pipeline import certify
     from tasks import quantize

@@ -8,17 +8,6 @@ pytestmark = pytest.mark.integration
 
 
 @pytest.fixture(scope="module")
-def prefect_harness(tmp_path_factory):
-    import os
-
-    os.environ["PREFECT_HOME"] = str(tmp_path_factory.mktemp("prefect-home"))
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=120):
-        yield
-
-
-@pytest.fixture(scope="module")
 def trained_model_dir(tiny_model_dir, tmp_path_factory):
     """The tiny Llama trained for a few hundred steps on pydoc text: a random-init model predicts near-uniformly, so
     INT4 barely moves its perplexity; a trained one loses measurably (what a PTQ accuracy failure looks like)."""

@@ -147,7 +147,7 @@ def test_a_signed_webhook_certifies_the_new_version_once(stack):
     mlflow = MlflowClient(stack.urls.mlflow)
     versions = mlflow.search_model_versions(f"name='{REGISTERED}'")
     decisions = [line for line in stack.worker.tail(10**7).splitlines() if "local: " in line or "gate" in line]
-    assert len(versions) == 1, f"no registry version; the worker's decisions:\n" + "\n".join(decisions[-20:])
+    assert len(versions) == 1, "no registry version; the worker's decisions:\n" + "\n".join(decisions[-20:])
     version = versions[0]
     arch = f"cpu-{platform.machine()}"
     assert version.tags["gpu_arch"] == arch and version.tags["quant_format"] == "fp8"
