@@ -17,6 +17,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.states import Failed
 
 from flows import prefect_edge as edge
+from flows import publish
 from flows.stages import (build_task, calibrate_task, evaluate_task, gate_task, import_task, latency_task,
                           quantize_task, result_of)
 from flows.quantize_flow import quantize_elsewhere
@@ -169,7 +170,7 @@ def certify(recipe_path: str, overrides: list[str] | None = None, model_location
     finally:
         registry.log_dict(record.run_id, {"stages": record.stages, "rows": record.rows, "decisions": record.decisions,
                                           "promotions": record.promotions, "errors": record.errors}, "summary.json")
-        _publish_report(recipe, record)
+        publish.report(recipe, record)
         registry.end_run(record.run_id, status)
     result = {"run_id": record.run_id, "stages": record.stages, "rows": record.rows, "promotions": record.promotions,
               "decisions": record.decisions, "errors": record.errors, "report": record.report,
@@ -196,36 +197,6 @@ def _outcome(record: RunRecord) -> tuple[str, str]:
     return "certified", "certified: " + ", ".join(f"{t}: {d['format']}" for t, d in sorted(record.decisions.items()))
 
 
-def _publish_report(recipe, record: RunRecord) -> None:
-    """The decision report: written to the store, logged to the MLflow run, shown as a Prefect artifact."""
-    from prefect.artifacts import create_markdown_artifact
-
-    from tasks.report import inline_images, write_report
-
-    if not any(r["status"] != "skipped" for r in record.rows):
-        return
-    out = write_report(recipe=recipe, rows=record.rows, decisions=record.decisions,
-                       out_dir=store.home() / "reports" / record.run_id)
-    record.report = str(out)
-    for file in out.parent.iterdir():
-        registry.log_file(record.run_id, str(file), "report")
-    create_markdown_artifact(markdown=inline_images(out.read_text(), out.parent),  # the UI cannot fetch local files
-                             key=edge.artifact_key(recipe.name, "decision-report"),
-                             description=f"{recipe.name}: decision per target (also report/report.html in MLflow)")
-
-
-def _calibration_origin(spec, base_dir) -> dict:
-    """Where the calibration texts came from, as plain values for the MLflow dataset source."""
-    from recipes.schema import resolve_path
-
-    if spec.source == "hub":
-        return {"source": "hub", "dataset": spec.dataset, "config": spec.dataset_config, "split": spec.split,
-                "revision": spec.revision}
-    if spec.source in ("files", "request_log"):
-        return {"source": spec.source, "paths": [str(resolve_path(p, base_dir).resolve()) for p in spec.paths]}
-    return {"source": spec.source}
-
-
 def _check_calibration(recipe, model, calib, record: RunRecord):
     """The calibration set's representativeness report, before any quantization: logged to MLflow, shown as Prefect
     artifacts; a failed threshold warns, or with `action: stop` raises RepresentativenessError here."""
@@ -239,28 +210,10 @@ def _check_calibration(recipe, model, calib, record: RunRecord):
         layers=report.layers_table(), metrics=report.metrics(), status=report.status,
         figure=rep.figure(report, sample_tokens=inputs["sample_tokens"], reference_tokens=inputs["reference_tokens"],
                           first_n_tokens=inputs["first_n_tokens"]))
-    _publish_representativeness(recipe.name, report)
+    publish.representativeness(recipe.name, report)
     for message in rep.enforce(report):
         log.warning("calibration representativeness: %s", message)
     return report
-
-
-def _publish_representativeness(recipe_name: str, report) -> None:
-    from prefect.context import FlowRunContext, TaskRunContext
-
-    if FlowRunContext.get() is None and TaskRunContext.get() is None:
-        return  # called outside a flow run: nowhere to attach artifacts (MLflow has the report)
-    from prefect.artifacts import create_markdown_artifact, create_table_artifact
-
-    create_markdown_artifact(markdown=report.markdown(),
-                             key=edge.artifact_key(recipe_name, "calibration-representativeness"),
-                             description=f"calibration set representativeness: {report.status}")
-    create_table_artifact(table=report.strata_table(), key=edge.artifact_key(recipe_name, "calibration-strata"),
-                          description="stratum shares: source vs calibration sample")
-    if report.layers:
-        create_table_artifact(table=report.layers_table(),
-                              key=edge.artifact_key(recipe_name, "calibration-activation-ranges"),
-                              description="Linear input abs-max: calibration sample vs held-out sample")
 
 
 def prepare(recipe, base_dir, record: RunRecord):
@@ -296,7 +249,7 @@ def quantize_formats(recipe, plan, model, calib, record: RunRecord) -> tuple[dic
 def _certify(recipe, base_dir, device, plan, record: RunRecord) -> None:
     model, calib = prepare(recipe, base_dir, record)
     registry.log_calibration_dataset(record.run_id, calibration_file=calib.calibration_file, digest=calib.digest,
-                                     stats=calib.stats, origin=_calibration_origin(recipe.calibration, base_dir))
+                                     stats=calib.stats, origin=publish.calibration_origin(recipe.calibration, base_dir))
     check_item_counts(recipe.evaluation, calib.holdout_file)  # too few held-out items: stop before quantizing
     _check_calibration(recipe, model, calib, record)  # may stop the run here, before any quantization
     lineage = {"model_fingerprint": model.fingerprint, "calibration_digest": calib.digest,

@@ -108,7 +108,7 @@ def test_broken_model_and_data_files_are_named_before_any_work(tmp_path, tiny_mo
         load_recipe(_write(tmp_path, lambda d: d.update(
             model={"source": "gguf", "path": str(garbage)},
             calibration={"source": "files", "paths": [str(tmp_path / "empty.jsonl")]})))
-    assert f"model.path: not a GGUF file (it starts with b'<htm'" in str(err.value) and str(garbage) in str(err.value)
+    assert "model.path: not a GGUF file (it starts with b'<htm'" in str(err.value) and str(garbage) in str(err.value)
     assert f"calibration.paths.0: empty file: {tmp_path / 'empty.jsonl'}" in str(err.value)
 
     broken = tmp_path / "truncated-ckpt"

@@ -149,7 +149,7 @@ def test_prefect_artifacts_have_valid_keys(tiny_model_dir, tmp_path, monkeypatch
     import prefect.artifacts
     from prefect.context import FlowRunContext
 
-    from flows import pipeline
+    from flows import publish
 
     report = rep.apply_thresholds(_reports(tiny_model_dir, tmp_path)[1], RepresentativenessSpec(max_ks=0.08))
     report = rep.replace(report, layers=(rep.LayerRange("model.layers.0.mlp.down_proj", 2.0, 1.0, 2.0),),
@@ -157,10 +157,10 @@ def test_prefect_artifacts_have_valid_keys(tiny_model_dir, tmp_path, monkeypatch
     made = []
     monkeypatch.setattr(prefect.artifacts, "create_markdown_artifact", lambda **kw: made.append(("md", kw)))
     monkeypatch.setattr(prefect.artifacts, "create_table_artifact", lambda **kw: made.append(("table", kw)))
-    pipeline._publish_representativeness("Demo Recipe", report)
+    publish.representativeness("Demo Recipe", report)
     assert made == []  # outside a flow run: nothing to attach to
     monkeypatch.setattr(FlowRunContext, "get", classmethod(lambda cls: object()))
-    pipeline._publish_representativeness("Demo Recipe", report)
+    publish.representativeness("Demo Recipe", report)
     keys = [kw["key"] for _, kw in made]
     assert keys == ["demo-recipe-calibration-representativeness", "demo-recipe-calibration-strata",
                     "demo-recipe-calibration-activation-ranges"]  # per recipe: recipes do not overwrite each other
