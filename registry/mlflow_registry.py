@@ -166,8 +166,17 @@ def log_calibration_dataset(run_id: str, *, calibration_file: str, digest: str, 
     dataset = mlflow.data.from_pandas(df, source=_dataset_source(calibration_file, origin), name="calibration",
                                       digest=digest[:32])
     c = client()
-    c.log_inputs(run_id, datasets=[mlflow.entities.DatasetInput(dataset._to_mlflow_entity(),
-                                                                 tags=[mlflow.entities.InputTag("mlflow.data.context", "calibration")])])
+    inputs = [mlflow.entities.DatasetInput(dataset._to_mlflow_entity(),
+                                           tags=[mlflow.entities.InputTag("mlflow.data.context", "calibration")])]
+    # MLflow creates a dataset row by check-then-insert: two runs logging the same set at once collide on its unique
+    # key. One at a time on this host; a collision with another host's insert is retried (it then finds the row).
+    with store.lock(store.home() / "locks" / "mlflow-datasets"):
+        try:
+            c.log_inputs(run_id, datasets=inputs)
+        except MlflowException as exc:
+            if "UNIQUE constraint" not in str(exc) and "duplicate key" not in str(exc):
+                raise
+            c.log_inputs(run_id, datasets=inputs)
     c.set_tag(run_id, "calibration.origin", json.dumps(origin, sort_keys=True, default=str)[:5000])
     log_metrics(run_id, {f"calibration.{k}": v for k, v in stats.items()})
 
