@@ -83,8 +83,9 @@ def _key_parts(method: str, *, model_fp: str, device: str, **inputs) -> dict:
             "code": store.source_digest(sys.modules[__name__], quantize)}
 
 
-def _load(model_dir: str, device: str):
-    """A base checkpoint, or a PTQ fake-quant checkpoint with its quantizers restored (tasks/quant_state.py)."""
+def _load(model_dir: str, device: str, *, dtype=None):
+    """A base checkpoint, or a PTQ fake-quant checkpoint with its quantizers restored (tasks/quant_state.py).
+    bf16 on CUDA unless `dtype` says otherwise, float32 on CPU."""
     import modelopt.torch.opt as mto
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -92,7 +93,7 @@ def _load(model_dir: str, device: str):
     from tasks import quant_state
 
     mto.enable_huggingface_checkpointing()  # a saved quantized model (modelopt_state.pth) comes back quantized
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    dtype = dtype or (torch.bfloat16 if device == "cuda" else torch.float32)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device)
     if quant_state.is_quant_state_dir(model_dir):
         model = quant_state.restore(model, model_dir)
@@ -343,7 +344,9 @@ def _qat(model_dir, ptq, texts, spec, device, key, parts, out) -> dict:
     started = time.perf_counter()
     teacher, tokenizer = _load(model_dir, device)
     teacher.eval().requires_grad_(False)
-    student, _ = _load(ptq.fakequant_dir, device)
+    # fp32 master weights, bf16 compute on CUDA: AdamW steps of ~lr are below a bf16 weight's rounding step and
+    # would vanish if the student itself were bf16
+    student, _ = _load(ptq.fakequant_dir, device, dtype=torch.float32)
     params = _params(student)
     tokens = spec.batch_size * spec.seq_len
     layers, hidden = student.config.num_hidden_layers, student.config.hidden_size
@@ -369,7 +372,8 @@ def _qat(model_dir, ptq, texts, spec, device, key, parts, out) -> dict:
         t0 = time.perf_counter()
         with torch.no_grad():
             target = teacher(input_ids=batch).logits
-        logits = student(input_ids=batch).logits
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda"):
+            logits = student(input_ids=batch).logits
         loss = loss_fn(logits.float(), target.float()).mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

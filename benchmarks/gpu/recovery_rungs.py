@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 import time
@@ -83,6 +84,10 @@ def main() -> None:
     ap.add_argument("--limit", type=int, default=300, help="held-out items per evaluation")
     ap.add_argument("--tolerance", type=float, default=0.01, help="perplexity gate: max relative increase")
     args = ap.parse_args()
+    # the stages' estimates ("~N s estimated") and progress lines go to the log next to the record
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    for noisy in ("httpx", "urllib3", "filelock"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
 
     import torch
 
