@@ -207,13 +207,17 @@ def auto_quantize(*, model_dir: str, model_fp: str, calibration_file: str, calib
 def _auto_quantize(model_dir, calibration_file, spec, kv_cache, blocks, max_tokens, batch_size, device,
                    recovered_from, key, parts, out) -> dict:
     import modelopt.torch.quantization as mtq
+    import torch
+    from pulp import PulpError
 
     min_bits = min(SERVING_COST[f].weight_bits for f in spec.formats)
     if spec.effective_bits < min_bits:
         raise RecoveryError(f"recovery.auto_quantize.effective_bits={spec.effective_bits} is below the fewest bits "
                             f"any candidate reaches ({min_bits} with {spec.formats}); raise it or add a smaller format")
     started = time.perf_counter()
-    model, tokenizer = _load(model_dir, device)
+    # fp32 on CUDA too: scored in bf16, the backward pass gave non-finite output gradients in some layers of a
+    # 0.74 B Llama on an H200 (NaN scores, PuLP refused them); in fp32 the same model and data scored cleanly
+    model, tokenizer = _load(model_dir, device, dtype=torch.float32)
     texts = pd.read_parquet(calibration_file)["text"].tolist()
     batches = _lm_batches(texts, tokenizer, batch_size=batch_size, max_tokens=max_tokens, device=device)
     score_steps = min(spec.score_batches, len(batches))
@@ -242,6 +246,12 @@ def _auto_quantize(model_dir, calibration_file, spec, kv_cache, blocks, max_toke
         if "infeasible" in str(exc):
             raise RecoveryError(f"recovery.auto_quantize.effective_bits={spec.effective_bits}: {exc}") from None
         raise
+    except PulpError as exc:
+        if "NaN" not in str(exc):
+            raise
+        raise RecoveryError(f"auto_quantize: some layers' sensitivity scores are NaN/inf (non-finite gradients or "
+                            f"candidate outputs on the calibration batches); try recovery.auto_quantize.method: "
+                            f"kl_div ({exc})") from None
     model.eval()
     best = state.get("best", {})
     achieved = _effective_bits(best, spec.effective_bits)
@@ -434,6 +444,9 @@ def recovery_rungs(recipe, base_dir, failed_format: str, ptq, target, arch: str,
                                  batch_size=cal.batch_size, tp_sizes=quantize.recipe_tp_sizes(recipe))
             except RecoveryError as exc:
                 return str(exc)
+            except Exception as exc:  # noqa: BLE001 -- one failing rung never takes the others down
+                log.exception("auto_quantize for %s on %s failed", failed_format, target.name)
+                return f"auto_quantize failed: {type(exc).__name__}: {exc}"
 
         yield AUTO_QUANTIZE, make_auto_quantize
     if spec.qat is not None:
@@ -448,5 +461,8 @@ def recovery_rungs(recipe, base_dir, failed_format: str, ptq, target, arch: str,
                                  spec=spec.qat)
             except RecoveryError as exc:
                 return str(exc)
+            except Exception as exc:  # noqa: BLE001 -- one failing rung never takes the others down
+                log.exception("qat of %s on %s failed", failed_format, target.name)
+                return f"qat failed: {type(exc).__name__}: {exc}"
 
         yield qat_name(failed_format), make_qat

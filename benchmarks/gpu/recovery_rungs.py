@@ -82,7 +82,8 @@ def main() -> None:
     ap.add_argument("--train-steps", type=int, default=600)
     ap.add_argument("--qat-steps", type=int, default=200)
     ap.add_argument("--limit", type=int, default=300, help="held-out items per evaluation")
-    ap.add_argument("--tolerance", type=float, default=0.01, help="perplexity gate: max relative increase")
+    # 0.5 %: on the default shape INT4-AWQ costs ~0.2 % (95 % bound ~0.6 %, H200), and 300 items resolve +-0.38 %
+    ap.add_argument("--tolerance", type=float, default=0.005, help="perplexity gate: max relative increase")
     args = ap.parse_args()
     # the stages' estimates ("~N s estimated") and progress lines go to the log next to the record
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")

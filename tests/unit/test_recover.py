@@ -88,3 +88,47 @@ def test_training_texts_come_from_the_pool_never_the_held_out_split(tmp_path):
 def test_memory_that_does_not_suffice_is_refused_before_starting():
     with pytest.raises(recover.RecoveryError, match=r"qat of int4_awq needs about .* GiB of cpu memory.*batch_size"):
         recover.check_memory(1e15, "cpu", "qat of int4_awq", "lower recovery.qat.batch_size")
+
+
+def test_non_finite_autoquantize_scores_are_a_named_error_not_a_solver_crash(tiny_model_dir, calib_file,
+                                                                               monkeypatch):
+    # what bf16 gradient scoring produced on a 0.74 B Llama on an H200: PuLP refused NaN scores deep in ModelOpt
+    import modelopt.torch.quantization as mtq
+    from pulp import PulpError
+
+    def nan_scores(*args, **kwargs):
+        raise PulpError("Cannot multiply variables with NaN/inf values")
+
+    monkeypatch.setattr(mtq, "auto_quantize", nan_scores)
+    spec = AutoQuantizeSpec(formats=["int4_awq", "fp8"], effective_bits=9.0, score_batches=1)
+    with pytest.raises(recover.RecoveryError, match="NaN/inf.*method: kl_div"):
+        recover.auto_quantize(model_dir=str(tiny_model_dir), model_fp="tiny", calibration_file=calib_file,
+                              calib_digest="c-nan", spec=spec, recovered_from="int4_awq", max_tokens=32, batch_size=8)
+
+
+def test_a_crashing_recovery_rung_is_reported_and_the_next_rung_still_runs(monkeypatch, tmp_path):
+    from types import SimpleNamespace
+
+    from recipes.schema import Recipe
+
+    recipe = Recipe.model_validate({
+        "name": "r", "model": {"source": "hf_dir", "path": str(tmp_path), "name": "m"},
+        "calibration": {"source": "pydoc_topics", "samples": 8}, "quantization": {"formats": ["int4_awq"]},
+        "targets": [{"name": "local", "backend": "reference"}], "registry": {"name": "r"},
+        "evaluation": {"tasks": ["holdout_perplexity"]}, "recovery": {"auto_quantize": {"formats": ["int4_awq", "fp8"], "effective_bits": 9.0},
+                     "qat": {"steps": 2}}})
+
+    def crash(**kwargs):
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    monkeypatch.setattr(recover, "auto_quantize", crash)
+    monkeypatch.setattr(recover, "training_texts", lambda *a, **k: ["text"])
+    monkeypatch.setattr(recover, "qat", lambda **kw: "the qat artifact")
+    rungs = recover.recovery_rungs(recipe, tmp_path, "int4_awq", SimpleNamespace(format="int4_awq"),
+                                   recipe.targets[0], "cpu-x86_64", SimpleNamespace(path="m", fingerprint="f"),
+                                   SimpleNamespace(calibration_file="c", holdout_file="h", digest="d"),
+                                   timed=lambda stage, subject, fn, **kw: fn(**kw))
+    results = {name: make() for name, make in rungs}
+    assert results["auto_quantize"] == ("auto_quantize failed: RuntimeError: CUDA error: an illegal memory access "
+                                        "was encountered")
+    assert results["int4_awq+qat"] == "the qat artifact"
