@@ -149,10 +149,15 @@ def _lm_batches(texts: list[str], tokenizer, *, batch_size: int, max_tokens: int
 
 
 def _export(model, tokenizer, tmp: Path) -> dict | None:
-    """The same two checkpoints PTQ writes (tasks/quantize.py); returns the unified export's quant config."""
+    """The same two checkpoints PTQ writes (tasks/quantize.py); returns the unified export's quant config.
+
+    Trained or scored in fp32, the model is stored in the dtype PTQ stores and the reference backend loads on this
+    device (bf16 on CUDA): fp32 quantizer buffers (AWQ's pre_quant_scale) met bf16 weights at load otherwise."""
     import modelopt.torch.quantization as mtq
     import torch
     from modelopt.torch.export import export_hf_checkpoint
+
+    model.to(torch.bfloat16 if next(model.parameters()).is_cuda else torch.float32)
 
     mtq.print_quant_summary(model, output_dir=str(tmp))
     model.save_pretrained(tmp / "fakequant")  # before export: export packs weights in place
