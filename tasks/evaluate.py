@@ -124,13 +124,16 @@ def task_configs(inputs: dict[str, list[dict] | None], data_dir: Path) -> list:
     return configs
 
 
-def cache_key(*, profile_fp: str, spec: EvaluationSpec, inputs: dict) -> str:
-    """Keyed on the items themselves (not just the held-out file), the task YAMLs, harness and this code."""
+def cache_key(*, profile_fp: str, spec: EvaluationSpec, inputs: dict, backend_name: str) -> str:
+    """Keyed on the items themselves (not just the held-out file), the task YAMLs, harness, this code and the
+    backend's (how it runs the model for lm-eval)."""
     import sys
+
+    from tasks.build import backend
 
     yamls = {p.name: p.read_text() for p in sorted(TASK_DIR.glob("*.yaml"))}
     return store.key_of("evaluate", profile_fp, spec.model_dump(mode="json"), inputs, store.version_of("lm_eval"),
-                        yamls, store.source_digest(sys.modules[__name__]))
+                        yamls, store.source_digest(sys.modules[__name__]), store.source_digest(backend(backend_name)))
 
 
 def per_item_rows(task: str, samples: list[dict]) -> list[dict]:
@@ -155,7 +158,7 @@ def evaluate(*, profile_dir: str, profile_fp: str, backend_name: str, spec: Eval
              holdout_file: str) -> AccuracyResult:
     """Run the evaluation tasks on one built profile; cached by profile content, eval spec, data and harness."""
     inputs = task_inputs(spec.tasks, holdout_file, spec.limit)
-    key = cache_key(profile_fp=profile_fp, spec=spec, inputs=inputs)
+    key = cache_key(profile_fp=profile_fp, spec=spec, inputs=inputs, backend_name=backend_name)
     out = store.stage_dir("evaluations", key)
     with store.claim(out) as manifest:
         cached = manifest is not None

@@ -94,7 +94,10 @@ def lm_eval_model(profile_dir: Path, *, batch_size: int, max_length: int) -> Ite
     with MODEL_LOCK:
         model, tokenizer = load_model(profile_dir)
         try:
-            yield HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length)
+            # log-softmax, gather and sum in float32: lm-eval does them in the model's dtype unless told, and a bf16
+            # sum of a window's ~256 token log-probs is rounded to 2-8 nats (its ulp), noise the size of the gates
+            yield HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length,
+                       softmax_dtype="float32")
         finally:
             del model
 

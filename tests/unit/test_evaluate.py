@@ -51,3 +51,28 @@ def test_a_held_out_split_smaller_than_the_limit_is_refused(tmp_path):
                                           r"holdout_perplexity 2, holdout_cloze 2 item\(s\): lower evaluation.limit"):
         check_item_counts(spec, str(holdout))
     check_item_counts(EvaluationSpec(tasks=["holdout_perplexity"], limit=2), str(holdout))
+
+
+def test_a_bf16_profile_is_scored_in_float32(tiny_model_dir, tmp_path):
+    """CUDA profiles run in bf16; lm-eval sums a window's log-probs in the model's dtype unless told otherwise, which
+    rounds each item's log-likelihood to bf16's step (several nats) -- noise the size of a 0.5 % perplexity gate."""
+    import torch
+    import yaml
+    from lm_eval.api.instance import Instance
+    from pydoc_data.topics import topics
+
+    from tasks.backends import reference
+
+    profile = tmp_path / "profile"
+    store.link_or_copy_tree(tiny_model_dir, profile / reference.CHECKPOINT)
+    (profile / reference.RUNTIME_FILE).write_text(yaml.safe_dump(
+        {"backend": "reference", "device": "cpu", "dtype": "bfloat16", "max_batch_size": 1, "max_seq_len": 256}))
+    text = " ".join(topics["assignment"].split()[:60])
+    with reference.lm_eval_model(profile, batch_size=1, max_length=256) as lm:
+        [got] = lm.loglikelihood_rolling([Instance("loglikelihood_rolling", {}, (text,), 0)], disable_tqdm=True)
+        ids = [lm.prefix_token_id] + lm.tok_encode(text)
+        assert len(ids) <= 256  # one window: the sum below is the whole item
+        with torch.no_grad():
+            logits = lm.model(torch.tensor([ids])).logits[0, :-1].float()
+        expected = logits.log_softmax(-1).gather(1, torch.tensor(ids[1:])[:, None]).sum().item()
+    assert got == pytest.approx(expected, abs=1e-3)
