@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 
 from recipes.schema import AutoQuantizeSpec, CalibrationSpec, QatSpec
-from tasks import quantize, recover
+from tasks import auto_quantize, qat, quantize, recover
 
 
 @pytest.fixture()
@@ -24,21 +24,21 @@ def test_auto_quantize_mixes_formats_under_the_budget_exports_and_is_cached(tiny
     spec = AutoQuantizeSpec(formats=["int4_awq", "fp8"], effective_bits=9.0, score_batches=2)
     kw = dict(model_dir=str(tiny_model_dir), model_fp="tiny", calibration_file=calib_file, calib_digest="c1",
               spec=spec, recovered_from="int4_awq", max_tokens=64, batch_size=8)
-    art = recover.auto_quantize(**kw)
+    art = auto_quantize.auto_quantize(**kw)
     assert not art.cached and art.format == "auto_quantize" and art.recovered_from == "int4_awq"
     assert art.weight_bits is not None and 7.69 <= art.weight_bits <= 9.0
     assert (Path(art.unified_dir) / "hf_quant_config.json").is_file()
     assert (Path(art.fakequant_dir) / "modelopt_state.pth").is_file()
     assert json.loads((Path(art.path) / "layer_formats.json").read_text())
-    again = recover.auto_quantize(**kw)
+    again = auto_quantize.auto_quantize(**kw)
     assert again.cached and again.fingerprint == art.fingerprint
-    assert not recover.auto_quantize(**kw | {"spec": spec.model_copy(update={"effective_bits": 10.0})}).cached
+    assert not auto_quantize.auto_quantize(**kw | {"spec": spec.model_copy(update={"effective_bits": 10.0})}).cached
 
 
 def test_auto_quantize_refuses_a_budget_below_every_candidate(tiny_model_dir, calib_file):
     spec = AutoQuantizeSpec(formats=["int4_awq", "fp8"], effective_bits=3.0)
     with pytest.raises(recover.RecoveryError, match="effective_bits=3.0 is below"):
-        recover.auto_quantize(model_dir=str(tiny_model_dir), model_fp="tiny", calibration_file=calib_file,
+        auto_quantize.auto_quantize(model_dir=str(tiny_model_dir), model_fp="tiny", calibration_file=calib_file,
                               calib_digest="c1", spec=spec, recovered_from="int4_awq")
 
 
@@ -49,18 +49,18 @@ def test_qat_distils_the_failed_ptq_checkpoint_and_is_cached(tiny_model_dir, cal
                             calib_digest="c1", fmt="int4_awq", max_tokens=64)
     texts = [list(topics.values())[30][:400]]  # a couple of windows: every step sees the same tokens
     spec = QatSpec(steps=12, lr=1e-4, seq_len=64, batch_size=4)
-    art = recover.qat(model_dir=str(tiny_model_dir), model_fp="tiny", ptq=ptq, texts=texts, calib_digest="c1",
+    art = qat.qat(model_dir=str(tiny_model_dir), model_fp="tiny", ptq=ptq, texts=texts, calib_digest="c1",
                       spec=spec)
     assert art.format == "int4_awq+qat" and art.cost_format == "int4_awq" and len(art.loss_curve) == 12
     assert art.loss_curve[-1] < 0.5 * art.loss_curve[0]  # distillation moves the student toward the teacher
     assert json.loads((Path(art.unified_dir) / "hf_quant_config.json").read_text())["quantization"]["quant_algo"] \
         == ptq.quant_algo
-    assert recover.qat(model_dir=str(tiny_model_dir), model_fp="tiny", ptq=ptq, texts=texts, calib_digest="c1",
+    assert qat.qat(model_dir=str(tiny_model_dir), model_fp="tiny", ptq=ptq, texts=texts, calib_digest="c1",
                        spec=spec).cached
 
 
 def test_qat_key_covers_every_hyper_parameter_and_the_data():
-    parts = lambda **kw: recover._key_parts("qat", model_fp="m", device="cpu", **kw)  # noqa: E731
+    parts = lambda **kw: recover.key_parts("qat", stage=qat, model_fp="m", device="cpu", **kw)  # noqa: E731
     base = dict(calibration="c", quantized="q", format="int4_awq", data="d", spec=QatSpec().model_dump())
     keys = {json.dumps(parts(**base), sort_keys=True)}
     for change in ({"data": "d2"}, {"quantized": "q2"}, {"spec": QatSpec(lr=2e-5).model_dump()},
@@ -78,11 +78,11 @@ def test_training_texts_come_from_the_pool_never_the_held_out_split(tmp_path):
     _, holdout, _ = calibrate.split_and_sample(texts, spec)
     hold = tmp_path / "holdout.parquet"
     pd.DataFrame({"text": holdout}).to_parquet(hold)
-    train = recover.training_texts(spec, tmp_path, count=200, seed=0, calibration_file="", holdout_file=str(hold))
+    train = qat.training_texts(spec, tmp_path, count=200, seed=0, calibration_file="", holdout_file=str(hold))
     assert len(train) == 200 and not set(train) & set(holdout)
     pd.DataFrame({"text": holdout + train[:1]}).to_parquet(hold)
     with pytest.raises(recover.RecoveryError, match="held-out"):
-        recover.training_texts(spec, tmp_path, count=200, seed=0, calibration_file="", holdout_file=str(hold))
+        qat.training_texts(spec, tmp_path, count=200, seed=0, calibration_file="", holdout_file=str(hold))
 
 
 def test_memory_that_does_not_suffice_is_refused_before_starting():
@@ -102,7 +102,7 @@ def test_non_finite_autoquantize_scores_are_a_named_error_not_a_solver_crash(tin
     monkeypatch.setattr(mtq, "auto_quantize", nan_scores)
     spec = AutoQuantizeSpec(formats=["int4_awq", "fp8"], effective_bits=9.0, score_batches=1)
     with pytest.raises(recover.RecoveryError, match="NaN/inf.*method: kl_div"):
-        recover.auto_quantize(model_dir=str(tiny_model_dir), model_fp="tiny", calibration_file=calib_file,
+        auto_quantize.auto_quantize(model_dir=str(tiny_model_dir), model_fp="tiny", calibration_file=calib_file,
                               calib_digest="c-nan", spec=spec, recovered_from="int4_awq", max_tokens=32, batch_size=8)
 
 
@@ -121,9 +121,9 @@ def test_a_crashing_recovery_rung_is_reported_and_the_next_rung_still_runs(monke
     def crash(**kwargs):
         raise RuntimeError("CUDA error: an illegal memory access was encountered")
 
-    monkeypatch.setattr(recover, "auto_quantize", crash)
-    monkeypatch.setattr(recover, "training_texts", lambda *a, **k: ["text"])
-    monkeypatch.setattr(recover, "qat", lambda **kw: "the qat artifact")
+    monkeypatch.setattr(auto_quantize, "auto_quantize", crash)
+    monkeypatch.setattr(qat, "training_texts", lambda *a, **k: ["text"])
+    monkeypatch.setattr(qat, "qat", lambda **kw: "the qat artifact")
     rungs = recover.recovery_rungs(recipe, tmp_path, "int4_awq", SimpleNamespace(format="int4_awq"),
                                    recipe.targets[0], "cpu-x86_64", SimpleNamespace(path="m", fingerprint="f"),
                                    SimpleNamespace(calibration_file="c", holdout_file="h", digest="d"),
