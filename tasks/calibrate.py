@@ -23,7 +23,7 @@ from pathlib import Path
 import pandas as pd
 
 from recipes.schema import CalibrationSpec, resolve_path
-from tasks import request_log, store
+from tasks import request_log, request_reader, store
 
 log = logging.getLogger(__name__)
 
@@ -146,8 +146,12 @@ def pack_texts(texts: list[str], tokenizer, *, samples: int, max_tokens: int) ->
 
 def cache_key(spec: CalibrationSpec, *, model_dir: str, base_dir: Path) -> str:
     sampling = spec.model_dump(mode="json", exclude={"representativeness"})  # thresholds do not change the set
+    code = [sys.modules[__name__]]
+    if spec.source == "request_log":  # the sampler, reader, redaction and duplicate rules decide the set too
+        from tasks import duplicates, redaction
+        code += [request_log, request_reader, redaction, duplicates]
     return store.key_of("calibrate", source_fingerprint(spec, base_dir), sampling,
-                        tokenizer_fingerprint(Path(model_dir)), store.source_digest(sys.modules[__name__]))
+                        tokenizer_fingerprint(Path(model_dir)), store.source_digest(*code))
 
 
 def calibrate(spec: CalibrationSpec, *, model_dir: str, base_dir: Path) -> CalibrationArtifact:
@@ -238,7 +242,7 @@ def _build_request_log(spec: CalibrationSpec, tokenizer, base_dir: Path, key: st
     paths = [resolve_path(p, base_dir) for p in spec.paths]
     try:
         result = request_log.sample_log(paths, options, tokenizer)
-    except request_log.ChatTemplateMissing as exc:
+    except request_reader.ChatTemplateMissing as exc:
         raise ValueError(str(exc)) from None
     c = result.counts
     if len(result.texts) < spec.samples:

@@ -52,260 +52,29 @@ of 2,000, whatever the log's length.
 from __future__ import annotations
 
 import bisect
-import functools
 import hashlib
 import heapq
-import json
 import random
-import re
-import zlib
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Iterable
 
-import numpy as np
+from tasks.duplicates import NearDuplicateIndex, dedupe_key
+from tasks.redaction import redact
+from tasks.request_reader import Request, iter_requests
 
-MAX_LINE_BYTES = 4 << 20
 DEFAULT_LENGTH_BUCKETS = (32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
 WARMUP_RECORDS = 2_000  # estimate mode: records tokenized to measure characters per token
 BATCH = 2_000
 OVERSAMPLE = 2  # candidates kept per stratum, as a multiple of the sample size
 SKETCH_SIZE = 16_384  # bottom-k sketch for the distinct-text estimate (relative error ~0.8%)
 OTHER = "(other)"
-SHINGLE = 3
-MINHASH_PERMUTATIONS, MINHASH_BANDS = 64, 16
 
 TokenCounter = Callable[[list[str]], list[int]]
 
 
-# ---------------------------------------------------------------------------------------------------------- redaction
-
-def _luhn(number: str) -> bool:
-    digits = [int(c) for c in number if c.isdigit()]
-    total = 0
-    for i, d in enumerate(reversed(digits)):
-        if i % 2:
-            d = d * 2 - 9 if d > 4 else d * 2
-        total += d
-    return total % 10 == 0
-
-
-# Every pattern starts with a literal or a character class, so the regex engine skips ahead fast; a pattern runs
-# only when its cheap trigger (a substring of the text, or of its lower-cased copy) occurs.
-_PRIVATE_KEY = re.compile(r"-----BEGIN [A-Z ]*PRIVATE KEY-----.*?(?:-----END [A-Z ]*PRIVATE KEY-----|$)", re.S)
-_BEARER = re.compile(r"(?i)\bbearer\s+[A-Za-z0-9._~+/=-]{8,}")
-_JWT = re.compile(r"eyJ[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}")
-_API_KEY = re.compile(r"(?<![A-Za-z0-9])(?:(?:sk|pk|rk)[-_](?:live_|test_|proj-|ant-)?[A-Za-z0-9_-]{16,}"
-                      r"|gh[pousr]_[A-Za-z0-9]{30,}|github_pat_[A-Za-z0-9_]{30,}|xox[abposr]-[A-Za-z0-9-]{10,}"
-                      r"|AKIA[0-9A-Z]{16}|AIza[0-9A-Za-z_-]{35}|hf_[A-Za-z0-9]{30,}|glpat-[A-Za-z0-9_-]{20,})")
-_API_KEY_TRIGGERS = ("k-", "k_", "hp_", "ho_", "hu_", "hs_", "hr_", "_pat_", "xox", "hf_", "glpat-")  # need - or _
-_SECRET_TRIGGERS = ("pass", "pwd", "secret", "key", "token")  # in the lower-cased text
-_SECRET_HINT = re.compile(r"(?:pass(?:word|wd)?|pwd|secret|key|token)[\"']?\s*[:=]")  # on the lower-cased text
-_SECRET = re.compile(r"(?i)\b(password|passwd|pwd|secret|api[_-]?key|access[_-]?key|access[_-]?token|auth[_-]?token"
-                     r"|client[_-]?secret|private[_-]?key)([\"']?\s*[:=]\s*[\"']?)(?!\[)[^\s\"',;]{4,}")
-_EMAIL_DOMAIN = re.compile(r"@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}(?![A-Za-z0-9-])")
-_EMAIL_LOCAL = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._%+-")
-_DIGITS3 = re.compile(r"[0-9]{3}")
-_CARD = re.compile(r"[0-9]{4}([ -]?)[0-9]{4}\1[0-9]{4}\1[0-9]{4}(?![0-9])|[0-9]{4}([ -]?)[0-9]{6}\2[0-9]{5}(?![0-9])")
-_SSN = re.compile(r"[0-9]{3}-[0-9]{2}-[0-9]{4}(?![0-9])")
-
-
-def _sub(pattern: re.Pattern, text: str, replace, found: Counter, kind: str, left_boundary: bool = False) -> str:
-    hits = 0
-
-    def one(m: re.Match) -> str:
-        nonlocal hits
-        if left_boundary and m.start() and (text[m.start() - 1].isdigit() or text[m.start() - 1] == "-"):
-            return m.group(0)
-        out = replace(m)
-        hits += out != m.group(0)
-        return out
-
-    text = pattern.sub(one, text)
-    if hits:
-        found[kind] += hits
-    return text
-
-
-def _redact_emails(text: str, found: Counter) -> str:
-    parts, last, hits = [], 0, 0
-    for m in _EMAIL_DOMAIN.finditer(text):
-        start = m.start()
-        while start > last and text[start - 1] in _EMAIL_LOCAL:
-            start -= 1
-        if start == m.start():
-            continue
-        parts += [text[last:start], "[EMAIL]"]
-        last, hits = m.end(), hits + 1
-    if not hits:
-        return text
-    found["email"] += hits
-    return "".join(parts) + text[last:]
-
-
-def redact(text: str, found: Counter | None = None) -> str:
-    """Replace obvious secrets and personal data with ``[KIND]`` placeholders; ``found`` counts what was replaced."""
-    found = Counter() if found is None else found
-    if "PRIVATE KEY" in text:
-        text = _sub(_PRIVATE_KEY, text, lambda m: "[PRIVATE_KEY]", found, "private_key")
-    lowered = text.lower()
-    if "bearer" in lowered:
-        text = _sub(_BEARER, text, lambda m: "Bearer [TOKEN]", found, "bearer")
-    if "eyJ" in text:
-        text = _sub(_JWT, text, lambda m: "[TOKEN]", found, "jwt")
-    if ((("-" in text or "_" in text) and any(t in text for t in _API_KEY_TRIGGERS))
-            or "AKIA" in text or "AIza" in text):
-        text = _sub(_API_KEY, text, lambda m: "[API_KEY]", found, "api_key")
-    if any(t in lowered for t in _SECRET_TRIGGERS) and _SECRET_HINT.search(lowered):
-        text = _sub(_SECRET, text, lambda m: f"{m.group(1)}{m.group(2)}[SECRET]", found, "secret")
-    if "@" in text:
-        text = _redact_emails(text, found)
-    if _DIGITS3.search(text):
-        text = _sub(_CARD, text, lambda m: "[CARD]" if _luhn(m.group(0)) else m.group(0), found, "card", True)
-        if "-" in text:
-            text = _sub(_SSN, text, lambda m: "[SSN]", found, "ssn", True)
-    return text
-
-
-# ---------------------------------------------------------------------------------------------------------- reading
-
-@dataclass(frozen=True, slots=True)
-class Request:
-    """One request as the sampler sees it. ``problem`` is set (and the rest empty) when the line is unusable."""
-    line: int
-    text: str = ""  # the rendered prompt: what the model is calibrated on (redacted when it is kept)
-    content: str = ""  # the request's own text (prompt, or its non-system messages' text)
-    system: str = ""  # its system prompt(s)
-    fields: tuple[str, ...] = ()  # values of the metadata fields used for strata, in stratify_by order (redacted)
-    problem: str | None = None  # malformed | unsupported | template_error | over_long | empty
-
-
-def iter_lines(path: Path, max_line_bytes: int = MAX_LINE_BYTES) -> Iterator[tuple[int, bytes | None]]:
-    """``(line number, bytes)`` per line, lazily; ``None`` for a line over ``max_line_bytes`` (read past in chunks)."""
-    with open(path, "rb") as f:
-        number = 0
-        while True:
-            line = f.readline(max_line_bytes + 1)
-            if not line:
-                return
-            number += 1
-            if len(line) > max_line_bytes:
-                while line and not line.endswith(b"\n"):
-                    line = f.readline(1 << 20)
-                yield number, None
-                continue
-            yield number, line
-
-
-def _message_text(content) -> str:
-    if content is None:
-        return ""
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):  # OpenAI content parts: keep the text parts
-        return "\n".join(p.get("text", "") for p in content if isinstance(p, dict) and p.get("type") == "text")
-    return str(content)
-
-
-def _field_value(record: dict, name: str) -> str:
-    value = record.get(name)
-    if value is None and isinstance(record.get("metadata"), dict):
-        value = record["metadata"].get(name)
-    return "(none)" if value is None or value == "" else str(value)
-
-
-@functools.lru_cache(maxsize=4096)
-def _redacted_value(text: str) -> str:
-    return redact(text)
-
-
-class ChatTemplateMissing(ValueError):
-    pass
-
-
-def iter_requests(paths: Iterable[str | Path], tokenizer=None, *, fields: tuple[str, ...] = (),
-                  redact_fields: bool = True, max_line_bytes: int = MAX_LINE_BYTES) -> Iterator[Request]:
-    """Every request of every log, in order, one at a time (a generator: nothing is read ahead).
-
-    Chat requests are rendered with ``tokenizer``'s chat template; one without a template raises
-    :class:`ChatTemplateMissing`. ``fields``: metadata values to carry (redacted unless ``redact_fields`` is off).
-    """
-    for path in paths:
-        for number, raw in iter_lines(Path(path), max_line_bytes):
-            if raw is None:
-                yield Request(number, problem="over_long")
-                continue
-            if not raw.strip():
-                continue
-            try:
-                record = json.loads(raw)
-            except ValueError:
-                yield Request(number, problem="malformed")
-                continue
-            if not isinstance(record, dict):
-                yield Request(number, problem="malformed")
-                continue
-            yield from _requests_of(record, number, tokenizer, fields, redact_fields)
-
-
-def _requests_of(record: dict, number: int, tokenizer, fields: tuple[str, ...], redact_fields: bool):
-    values = tuple(_redacted_value(_field_value(record, f)) if redact_fields else _field_value(record, f)
-                   for f in fields)
-    messages = record.get("messages")
-    if isinstance(messages, list) and messages:
-        clean, system, own = [], [], []
-        for m in messages:
-            if not isinstance(m, dict):
-                yield Request(number, problem="malformed")
-                return
-            text = _message_text(m.get("content"))
-            clean.append({**m, "content": text} if isinstance(m.get("content"), list) else m)  # parts -> text
-            (system if m.get("role") in ("system", "developer") else own).append(text)
-        content = "\n".join(own)
-        if not content.strip():
-            yield Request(number, problem="empty")
-            return
-        rendered = render_chat(tokenizer, clean, record.get("tools"))
-        if rendered is None:
-            yield Request(number, problem="template_error")
-            return
-        yield Request(number, rendered, content, "\n".join(system), values)
-        return
-    prompt = record.get("prompt")
-    prompts = [prompt] if isinstance(prompt, str) else prompt if isinstance(prompt, list) else None
-    if prompts is None or not all(isinstance(p, str) for p in prompts):  # token-id prompts are not supported
-        yield Request(number, problem="unsupported")
-        return
-    for p in prompts:
-        yield Request(number, p, p, "", values) if p.strip() else Request(number, problem="empty")
-
-
-def render_chat(tokenizer, messages: list[dict], tools: list | None = None) -> str | None:
-    """The prompt an OpenAI-compatible server builds from ``messages``; None when the template rejects them."""
-    if tokenizer is None or not getattr(tokenizer, "chat_template", None):
-        raise ChatTemplateMissing("calibration.source 'request_log': the log has chat requests (messages) but the "
-                                  "model's tokenizer has no chat template to render them with")
-    kwargs = {"tools": tools} if tools else {}
-    try:
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, **kwargs)
-    except Exception:  # the template raises on what the server would reject (e.g. roles out of order)
-        return None
-
-
 # ---------------------------------------------------------------------------------------------------------- keys
-
-def dedupe_key(text: str) -> str:
-    """Exact-duplicate key: whitespace collapsed, case folded."""
-    return " ".join(text.split()).casefold()
-
-
-_DIGIT_RUNS = re.compile(r"\d+")
-
-
-def near_key(text: str) -> str:
-    return _DIGIT_RUNS.sub("0", " ".join(text.split()).casefold())
-
 
 def hash_key(key: str, seed: int) -> tuple[float, int]:
     """(holdout value in [0, 1), sampling priority): the first is exactly what ``calibrate.is_holdout`` compares."""
@@ -321,64 +90,6 @@ def length_bucket_names(edges: tuple[int, ...]) -> list[str]:
 def length_bucket(n_tokens: int, edges: tuple[int, ...], names: list[str] | None = None) -> str:
     names = names or length_bucket_names(edges)
     return names[bisect.bisect_right(edges, n_tokens)]
-
-
-# ---------------------------------------------------------------------------------------------------------- near dups
-
-def shingles(text: str) -> frozenset[int]:
-    words = near_key(text).split()
-    if len(words) <= SHINGLE:
-        return frozenset({zlib.crc32(" ".join(words).encode())})
-    return frozenset(zlib.crc32(" ".join(words[i:i + SHINGLE]).encode()) for i in range(len(words) - SHINGLE + 1))
-
-
-_P = np.uint64(4_294_967_311)  # a prime above 2**32: (a*h + b) stays below 2**64 for a, b < P and 32-bit h
-_rng = np.random.default_rng(0x5EED)
-_A = _rng.integers(1, int(_P), MINHASH_PERMUTATIONS, dtype=np.uint64)[:, None]
-_B = _rng.integers(0, int(_P), MINHASH_PERMUTATIONS, dtype=np.uint64)[:, None]
-
-
-def minhash(sh: frozenset[int]) -> np.ndarray:
-    h = np.fromiter(sh, dtype=np.uint64, count=len(sh))[None, :]
-    return ((_A * h + _B) % _P).min(axis=1)
-
-
-def jaccard(a: frozenset, b: frozenset) -> float:
-    return len(a & b) / len(a | b) if a or b else 1.0
-
-
-class NearDuplicateIndex:
-    """Accepted texts, indexed by MinHash bands; ``seen`` says whether a new one is a near duplicate of one of them."""
-
-    def __init__(self, threshold: float | None):
-        self.threshold = threshold
-        self._bands: dict[tuple, list[int]] = {}
-        self._sets: list[frozenset[int]] = []
-        self.examined = self.removed = 0
-
-    def seen(self, content: str, system: str = "") -> bool:
-        """True (and nothing added) when ``content`` is a near duplicate of an accepted text; else accept it."""
-        self.examined += 1
-        dup = self._seen(content, system)
-        self.removed += dup
-        return dup
-
-    def _seen(self, content: str, system: str) -> bool:
-        if self.threshold is None:
-            return False
-        sh = shingles(content)
-        sig = minhash(sh)
-        sys_key = zlib.crc32(dedupe_key(system).encode())
-        rows = MINHASH_PERMUTATIONS // MINHASH_BANDS
-        keys = [(sys_key, b, sig[b * rows:(b + 1) * rows].tobytes()) for b in range(MINHASH_BANDS)]
-        candidates = {i for k in keys for i in self._bands.get(k, ())}
-        if any(jaccard(sh, self._sets[i]) >= self.threshold for i in candidates):
-            return True
-        idx = len(self._sets)
-        self._sets.append(sh)
-        for k in keys:
-            self._bands.setdefault(k, []).append(idx)
-        return False
 
 
 # ---------------------------------------------------------------------------------------------------------- sampling

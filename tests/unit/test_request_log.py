@@ -9,9 +9,9 @@ import pandas as pd
 import pytest
 
 from recipes.schema import CalibrationSpec
-from tasks import calibrate, request_log
-from tasks.request_log import Request, Sampler, SamplingOptions
-
+from tasks import calibrate, duplicates, redaction, request_log, request_reader
+from tasks.request_log import Sampler, SamplingOptions
+from tasks.request_reader import Request
 
 
 def words(texts):
@@ -71,7 +71,7 @@ def test_chat_requests_are_rendered_with_the_chat_template(chat_model_dir, tmp_p
         {"prompt": "def fib(n):", "metadata": {"tenant": "globex"}},
         "not json", {"input": "no prompt"}, {"messages": [{"role": "user", "content": "  "}]},
     ])
-    reqs = list(request_log.iter_requests([log], tok, fields=("tenant",)))
+    reqs = list(request_reader.iter_requests([log], tok, fields=("tenant",)))
     as_server = tok.apply_chat_template([messages[0], {"role": "user", "content": "What is a generator?"}],
                                         tokenize=False, add_generation_prompt=True)
     assert reqs[0].text == as_server
@@ -103,7 +103,7 @@ def test_chat_log_without_a_chat_template_is_refused(tiny_model_dir, tmp_path):
 # ------------------------------------------------------------------------------------------------------ (3) near dups
 
 def test_near_duplicate_rule():
-    index = request_log.NearDuplicateIndex(0.8)
+    index = duplicates.NearDuplicateIndex(0.8)
     base = "Ticket 1234: the printer on floor 3 prints blank pages after the last driver update, please advise"
     assert not index.seen(base)
     assert index.seen(base.replace("1234", "98765").replace("floor 3", "floor 12"))  # digits masked
@@ -114,7 +114,7 @@ def test_near_duplicate_rule():
     assert not index.seen("how do I reset my password", long_system)  # a shared system prompt is not a duplicate
     assert not index.seen(base, "another system prompt")  # same text, different system prompt
     assert (index.examined, index.removed) == (7, 2)
-    assert not request_log.NearDuplicateIndex(None).seen(base)  # threshold off: exact duplicates only
+    assert not duplicates.NearDuplicateIndex(None).seen(base)  # threshold off: exact duplicates only
 
 
 def test_near_duplicates_are_removed_with_counts(tmp_path):
@@ -129,15 +129,15 @@ def test_near_duplicates_are_removed_with_counts(tmp_path):
     records += [{"prompt": prose(rng, 30, vocab)} for _ in range(200)]
     records += records[-20:]  # exact duplicates
     rng.shuffle(records)
-    reqs = list(request_log.iter_requests([write_log(tmp_path / "l.jsonl", records)]))
+    reqs = list(request_reader.iter_requests([write_log(tmp_path / "l.jsonl", records)]))
     result = Sampler(SamplingOptions(samples=150, holdout_fraction=0.1, stratify_by=()), words).consume(reqs).finish()
     c = result.counts
     assert c["near_duplicates_removed"] > 0
     assert c["near_duplicates_removed"] == c["candidates_examined"] - len(result.texts)
     assert c["exact_duplicates_in_candidates"] > 0
     assert len(result.texts) == 150 and len(set(result.texts)) == 150
-    sh = [request_log.shingles(t) for t in result.texts]
-    assert all(request_log.jaccard(a, b) < 0.8 for i, a in enumerate(sh) for b in sh[i + 1:])
+    sh = [duplicates.shingles(t) for t in result.texts]
+    assert all(duplicates.jaccard(a, b) < 0.8 for i, a in enumerate(sh) for b in sh[i + 1:])
     exact = Sampler(SamplingOptions(samples=150, holdout_fraction=0.1, stratify_by=(), near_duplicate_threshold=None),
                     words).consume(reqs).finish()
     assert exact.counts["near_duplicates_removed"] == 0
@@ -150,13 +150,13 @@ def test_redaction_patterns():
             "ABCDEFGHIJKLMNOPQRSTUV; password: hunter22; card 4111 1111 1111 1111; ssn 123-45-6789; "
             "token ghp_abcdefghijklmnopqrstuvwxyz0123456789; AKIAABCDEFGHIJKLMNOP")
     found = request_log.Counter()
-    out = request_log.redact(text, found)
+    out = redaction.redact(text, found)
     for secret in ("john.smith", "abcdefghij0123456789", "ABCDEFGHIJKLMNOPQRSTUV", "hunter22", "4111 1111",
                    "123-45-6789", "ghp_abc", "AKIAABCD"):
         assert secret not in out
     assert set(found) == {"email", "bearer", "api_key", "secret", "card", "ssn"}
     harmless = "Use @decorator on line 12, version 1.2.3 released 2024-01-01; order 4111111111111112."
-    assert request_log.redact(harmless) == harmless  # no e-mail, not a Luhn-valid card
+    assert redaction.redact(harmless) == harmless  # no e-mail, not a Luhn-valid card
 
 
 def test_secrets_are_redacted_before_anything_is_stored(tiny_model_dir, tmp_path):
@@ -188,18 +188,18 @@ def test_sample_is_seeded_order_independent_and_never_held_out(tmp_path):
     records = [{"prompt": prose(rng, rng.randint(3, 60), vocab), "tenant": rng.choice("abc")} for _ in range(3000)]
     opts = SamplingOptions(samples=100, seed=7, stratify_by=("tenant", "length"), length_buckets=(8, 16, 32),
                            token_lengths="exact")
-    first = Sampler(opts, words).consume(request_log.iter_requests([write_log(tmp_path / "a.jsonl", records)],
+    first = Sampler(opts, words).consume(request_reader.iter_requests([write_log(tmp_path / "a.jsonl", records)],
                                                                    fields=("tenant",))).finish()
     rng.shuffle(records)
-    shuffled = Sampler(opts, words).consume(request_log.iter_requests([write_log(tmp_path / "b.jsonl", records)],
+    shuffled = Sampler(opts, words).consume(request_reader.iter_requests([write_log(tmp_path / "b.jsonl", records)],
                                                                       fields=("tenant",))).finish()
     assert set(first.texts) == set(shuffled.texts) and set(first.holdout) == set(shuffled.holdout)
     other_seed = Sampler(SamplingOptions(**{**opts.__dict__, "seed": 8}), words).consume(
-        request_log.iter_requests([tmp_path / "a.jsonl"], fields=("tenant",))).finish()
+        request_reader.iter_requests([tmp_path / "a.jsonl"], fields=("tenant",))).finish()
     assert set(other_seed.texts) != set(first.texts)
     # held-out texts are exactly those calibrate.is_holdout picks, and calibration never sees one
-    assert not any(calibrate.is_holdout(request_log.dedupe_key(t), 7, 0.2) for t in first.texts)
-    assert all(calibrate.is_holdout(request_log.dedupe_key(t), 7, 0.2) for t in first.holdout)
+    assert not any(calibrate.is_holdout(duplicates.dedupe_key(t), 7, 0.2) for t in first.texts)
+    assert all(calibrate.is_holdout(duplicates.dedupe_key(t), 7, 0.2) for t in first.holdout)
     # each stratum keeps its share of the source, within rounding
     total = sum(first.source_strata.values())
     for stratum, count in first.source_strata.items():
@@ -218,7 +218,7 @@ def test_drops_are_counted(tmp_path):
                + [{"prompt": [1, 2, 3]}] + [{"prompt": ""}] + [{"prompt": f"fine text number {i}"} for i in range(30)])
     log = write_log(tmp_path / "d.jsonl", records)
     log.write_text(log.read_text() + "x" * 5000 + "\n")  # a line over the line limit
-    reqs = request_log.iter_requests([log], max_line_bytes=4096)
+    reqs = request_reader.iter_requests([log], max_line_bytes=4096)
     result = Sampler(SamplingOptions(samples=10, max_record_tokens=100, stratify_by=()), words).consume(reqs).finish()
     c = result.counts
     assert (c["over_long"], c["malformed"], c["unsupported"], c["empty"]) == (4, 2, 1, 1)
@@ -265,7 +265,7 @@ def _peak_while_sampling(path, opts):
     try:
         sampler = Sampler(opts, words)
         most = 0
-        for i, request in enumerate(request_log.iter_requests([path], fields=("tenant",))):
+        for i, request in enumerate(request_reader.iter_requests([path], fields=("tenant",))):
             sampler.add(request)
             if i % 500 == 0:
                 most = max(most, sampler.held())
@@ -277,7 +277,7 @@ def _peak_while_sampling(path, opts):
 
 def test_reading_is_streaming_and_memory_is_bounded(tmp_path):
     small, large = _prompt_log(tmp_path / "small.jsonl", 10_000), _prompt_log(tmp_path / "large.jsonl", 40_000)
-    reqs = request_log.iter_requests([large])
+    reqs = request_reader.iter_requests([large])
     assert inspect.isgenerator(reqs) and isinstance(next(reqs), Request)  # nothing read ahead
     opts = SamplingOptions(samples=32, reference_samples=200, holdout_samples=32, stratify_by=("tenant", "length"),
                            length_buckets=(16, 64, 256))
