@@ -37,23 +37,17 @@ class RecoveryError(RuntimeError):
     """A recovery rung cannot run as configured (memory, an infeasible budget, no training data)."""
 
 
-@dataclass(frozen=True)
-class RecoveredArtifact:
-    format: str  # the rung's name: auto_quantize, or <format>+qat
+@dataclass(frozen=True, kw_only=True)
+class RecoveredArtifact(quantize.QuantizedArtifact):
+    """A recovery rung's checkpoint: what PTQ's artifact holds (`format` is the rung's name: auto_quantize, or
+    <format>+qat), and where it came from."""
+
     method: str  # auto_quantize | qat
-    path: str
-    fakequant_dir: str
-    unified_dir: str
-    fingerprint: str
-    quant_algo: str | None
-    awq_block_size: int | None
-    seconds: float
     recovered_from: str
     cost_format: str  # the format whose kernels and activation bits its serving cost takes
     weight_bits: float | None  # effective weight bits (AutoQuantize's result); None: the cost format's
     config: dict = field(default_factory=dict)  # the budget or the training config
     loss_curve: list = field(default_factory=list)  # qat: distillation loss per step
-    cached: bool = False
 
     def lineage(self) -> dict:
         return {"recovery_method": self.method, "recovered_from": self.recovered_from, "cost_format": self.cost_format,
@@ -161,10 +155,10 @@ def export_checkpoints(model, tokenizer, tmp: Path) -> dict | None:
 
 def artifact_of(manifest: dict, out: Path, cached: bool) -> RecoveredArtifact:
     m = manifest
-    return RecoveredArtifact(m["format"], m["method"], str(out), str(out / "fakequant"), str(out / "unified"),
-                             m["content_hash"], m.get("quant_algo"), m.get("awq_block_size"), m["seconds"],
-                             m["recovered_from"], m["cost_format"], m.get("weight_bits"), m["config"],
-                             m.get("loss_curve", []), cached)
+    return RecoveredArtifact(m["format"], str(out), str(out / "fakequant"), str(out / "unified"), m["content_hash"],
+                             m.get("quant_algo"), m.get("awq_block_size"), m["seconds"], cached, method=m["method"],
+                             recovered_from=m["recovered_from"], cost_format=m["cost_format"],
+                             weight_bits=m.get("weight_bits"), config=m["config"], loss_curve=m.get("loss_curve", []))
 
 
 def cached_or_run(stage: str, key: str, run) -> RecoveredArtifact:

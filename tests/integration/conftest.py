@@ -37,26 +37,50 @@ def prefect_harness(tmp_path_factory):
         yield
 
 
-@pytest.fixture(scope="module")
-def prefect_server(postgres, tmp_path_factory) -> Service:
-    """A Prefect server on its own PostgreSQL database; `.url` is its API URL (…/api)."""
-    server = start_prefect_server(postgres, f"prefect_{next(_databases)}", tmp_path_factory.mktemp("prefect-server"))
+def _serving(server: Service):
+    """Yield a started server once its /health answers; stop it afterwards, whatever happened."""
     try:
         server.wait_http(f"{server.url}/health", timeout=180)
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture(scope="module")
+def prefect_server(postgres, tmp_path_factory) -> Service:
+    """A Prefect server on its own PostgreSQL database; `.url` is its API URL (…/api)."""
+    yield from _serving(start_prefect_server(postgres, f"prefect_{next(_databases)}",
+                                             tmp_path_factory.mktemp("prefect-server")))
 
 
 @pytest.fixture(scope="module")
 def mlflow_server(postgres, tmp_path_factory) -> Service:
     """An MLflow tracking server on its own PostgreSQL database, serving artifacts from a temp dir; `.url`."""
-    server = start_mlflow_server(postgres, f"mlflow_{next(_databases)}", tmp_path_factory.mktemp("mlflow-server"))
-    try:
-        server.wait_http(f"{server.url}/health", timeout=180)
-        yield server
-    finally:
-        server.stop()
+    yield from _serving(start_mlflow_server(postgres, f"mlflow_{next(_databases)}",
+                                            tmp_path_factory.mktemp("mlflow-server")))
+
+
+@pytest.fixture()
+def tiny_recipe(tmp_path) -> Callable[..., Path]:
+    """tiny_recipe(name, model_dir, model_name="tiny", **sections) -> the path of a small fp8 recipe for a tiny HF
+    model, written as YAML under tmp_path; `sections` replace its top-level sections (quantization, targets, ...)."""
+    import yaml
+
+    def write(name: str, model_dir, *, model_name: str = "tiny", **sections) -> Path:
+        recipe = {
+            "name": name, "model": {"source": "hf_dir", "path": str(model_dir), "name": model_name},
+            "calibration": {"source": "pydoc_topics", "samples": 8, "max_tokens": 64},
+            "quantization": {"formats": ["fp8"]},
+            "targets": [{"name": "local"}],
+            "evaluation": {"tasks": ["holdout_perplexity"], "limit": 4, "batch_size": 4, "max_length": 128},
+            "latency": {"requests": 2, "warmup": 0, "input_tokens": 8, "output_tokens": 3},
+            "gates": {"accuracy": {"tasks": {"holdout_perplexity": {"max_relative_increase": 5.0}}}},
+            "registry": {"name": name}} | sections
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(recipe))
+        return path
+
+    return write
 
 
 @pytest.fixture(scope="module")

@@ -3,26 +3,16 @@
 import time
 
 import pytest
-import yaml
 
 pytestmark = pytest.mark.integration
 
 
-def test_targets_fan_out_and_fail_independently(prefect_harness, tiny_model_dir, tmp_path, monkeypatch):
+def test_targets_fan_out_and_fail_independently(prefect_harness, tiny_model_dir, tiny_recipe, monkeypatch):
     from flows.pipeline import certify
     from tasks.backends import reference
 
-    recipe = {
-        "name": "fanout", "model": {"source": "hf_dir", "path": str(tiny_model_dir), "name": "tiny"},
-        "calibration": {"source": "pydoc_topics", "samples": 8, "max_tokens": 64},
-        "quantization": {"formats": ["fp8"]},
-        "targets": [{"name": "a"}, {"name": "b", "max_batch_size": 4}, {"name": "broken", "max_batch_size": 2}],
-        "evaluation": {"tasks": ["holdout_perplexity"], "limit": 4, "batch_size": 4, "max_length": 128},
-        "latency": {"requests": 2, "warmup": 0, "input_tokens": 8, "output_tokens": 3},
-        "gates": {"accuracy": {"tasks": {"holdout_perplexity": {"max_relative_increase": 5.0}}}},
-        "registry": {"name": "tiny"}}
-    path = tmp_path / "fanout.yaml"
-    path.write_text(yaml.safe_dump(recipe))
+    path = tiny_recipe("fanout", tiny_model_dir, registry={"name": "tiny"}, targets=[
+        {"name": "a"}, {"name": "b", "max_batch_size": 4}, {"name": "broken", "max_batch_size": 2}])
 
     real_build = reference.build_profile
 

@@ -2,26 +2,18 @@
 go on, and the run still ends with its full record (issue: a GPT-2 export NotImplementedError killed the run)."""
 
 import pytest
-import yaml
 
 pytestmark = pytest.mark.integration
 
 
-def test_a_failing_format_is_recorded_and_the_others_go_on(prefect_harness, tiny_gpt2, tmp_path, monkeypatch):
+def test_a_failing_format_is_recorded_and_the_others_go_on(prefect_harness, tiny_gpt2, tiny_recipe, monkeypatch):
     from flows.pipeline import certify
     from tasks import quantize
 
-    recipe = {
-        "name": "gpt2-formats", "model": {"source": "hf_dir", "path": str(tiny_gpt2(320)), "name": "gpt2-320"},
-        "calibration": {"source": "pydoc_topics", "samples": 4, "max_tokens": 32},
-        "quantization": {"formats": ["int8_sq", "fp8"]},
-        "targets": [{"name": "local"}],
-        "evaluation": {"tasks": ["holdout_perplexity"], "limit": 4, "batch_size": 4, "max_length": 64},
-        "latency": {"requests": 2, "warmup": 0, "input_tokens": 8, "output_tokens": 3},
-        "gates": {"accuracy": {"tasks": {"holdout_perplexity": {"max_relative_increase": 5.0}}}},
-        "registry": {"name": "gpt2"}}
-    path = tmp_path / "formats.yaml"
-    path.write_text(yaml.safe_dump(recipe))
+    path = tiny_recipe("gpt2-formats", tiny_gpt2(320), model_name="gpt2-320", registry={"name": "gpt2"},
+                         calibration={"source": "pydoc_topics", "samples": 4, "max_tokens": 32},
+                         quantization={"formats": ["int8_sq", "fp8"]},
+                         evaluation={"tasks": ["holdout_perplexity"], "limit": 4, "batch_size": 4, "max_length": 64})
 
     real = quantize._export_trtllm_checkpoints
 

@@ -8,7 +8,6 @@ import time
 from pathlib import Path
 
 import pytest
-import yaml
 
 pytestmark = pytest.mark.integration
 
@@ -69,18 +68,9 @@ def test_twenty_concurrent_registrations_of_one_fingerprint_make_one_version(tmp
     assert {a["version"] for a in answers} == {versions[0]["version"]}
 
 
-def test_two_runs_of_one_recipe_on_one_state_dir_both_finish_with_one_profile_per_key(tiny_model_dir, tmp_path):
-    recipe = {
-        "name": "twins", "model": {"source": "hf_dir", "path": str(tiny_model_dir), "name": "tiny"},
-        "calibration": {"source": "pydoc_topics", "samples": 8, "max_tokens": 64},
-        "quantization": {"formats": ["fp8"]},
-        "targets": [{"name": "local"}],
-        "evaluation": {"tasks": ["holdout_perplexity"], "limit": 4, "batch_size": 4, "max_length": 128},
-        "latency": {"requests": 2, "warmup": 0, "input_tokens": 8, "output_tokens": 3},
-        "gates": {"accuracy": {"tasks": {"holdout_perplexity": {"max_relative_increase": 5.0}}}},
-        "registry": {"name": "twins"}}
-    path = tmp_path / "twins.yaml"
-    path.write_text(yaml.safe_dump(recipe))
+def test_two_runs_of_one_recipe_on_one_state_dir_both_finish_with_one_profile_per_key(tiny_model_dir, tiny_recipe,
+                                                                                      tmp_path):
+    path = tiny_recipe("twins", tiny_model_dir)
     home = tmp_path / "home"
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_"))}
     env |= {"ENGINEWRIGHT_HOME": str(home), "PYTHONPATH": str(ROOT)}
