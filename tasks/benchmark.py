@@ -172,10 +172,8 @@ def measure_latency(*, profile_dir: str, profile_fp: str, backend_name: str, spe
     """Measure one profile on this machine through its endpoint; cached by profile, load spec, prompts, machine."""
     key = cache_key(profile_fp=profile_fp, spec=spec, holdout_digest=holdout_digest, device=device)
     out = store.stage_dir("latency", key)
-    with store.claim(out) as manifest:
-        cached = manifest is not None
-        if manifest is None:
-            manifest = _run(profile_dir, backend_name, spec, holdout_file, key, out)
+    manifest, cached = store.reuse_or_make(out, lambda out: _run(profile_dir, backend_name, spec, holdout_file, key,
+                                                                 out))
     return LatencyResult(str(out), manifest["summary"], manifest["seconds"], cached)
 
 

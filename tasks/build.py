@@ -60,11 +60,8 @@ def build(*, model_slug: str, checkpoint_dir: str, checkpoint_fp: str, fmt: str,
     parts = key_parts(checkpoint_fp=checkpoint_fp, fmt=fmt, target=target, arch=arch, toolchain=toolchain)
     key = store.key_of("build", parts)
     out = profile_dir(model_slug, fmt, arch, target.tp, key)
-    with store.claim(out) as manifest:
-        cached = manifest is not None
-        if manifest is None:
-            manifest = _build(impl, checkpoint_dir, target, device, key, parts, fmt, quant_algo, toolchain, checkpoint_fp,
-                              out)
+    manifest, cached = store.reuse_or_make(out, lambda out: _build(impl, checkpoint_dir, target, device, key, parts,
+                                                                   fmt, quant_algo, toolchain, checkpoint_fp, out))
     return BuildArtifact(target.name, arch, target.backend, fmt, str(out), manifest["content_hash"], manifest, cached)
 
 

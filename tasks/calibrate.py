@@ -158,10 +158,7 @@ def calibrate(spec: CalibrationSpec, *, model_dir: str, base_dir: Path) -> Calib
     """Build the calibration set (parquet) and the held-out split, keyed by source content, sampling and tokenizer."""
     key = cache_key(spec, model_dir=model_dir, base_dir=base_dir)
     out = store.stage_dir("calibration", key)
-    with store.claim(out) as manifest:
-        cached = manifest is not None
-        if manifest is None:
-            manifest = _build(spec, model_dir, base_dir, key, out)
+    manifest, cached = store.reuse_or_make(out, lambda out: _build(spec, model_dir, base_dir, key, out))
     return CalibrationArtifact(str(out), str(out / "calibration.parquet"), str(out / "holdout.parquet"),
                                manifest["digest"], manifest["holdout_digest"], manifest["stats"], cached)
 

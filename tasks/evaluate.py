@@ -160,10 +160,7 @@ def evaluate(*, profile_dir: str, profile_fp: str, backend_name: str, spec: Eval
     inputs = task_inputs(spec.tasks, holdout_file, spec.limit)
     key = cache_key(profile_fp=profile_fp, spec=spec, inputs=inputs, backend_name=backend_name)
     out = store.stage_dir("evaluations", key)
-    with store.claim(out) as manifest:
-        cached = manifest is not None
-        if manifest is None:
-            manifest = _run(profile_dir, backend_name, spec, inputs, key, out)
+    manifest, cached = store.reuse_or_make(out, lambda out: _run(profile_dir, backend_name, spec, inputs, key, out))
     return AccuracyResult(str(out), manifest["metrics"], str(out / "items.parquet"), manifest["n_items"],
                           manifest["seconds"], cached)
 

@@ -232,12 +232,9 @@ def quantize(*, model_dir: str, model_fp: str, calibration_file: str, calib_dige
                       trtllm_tps=trtllm_tps)
     key = store.key_of("quantize", parts)
     out = store.stage_dir(f"quantized/{fmt}", key)
-    with store.claim(out) as manifest:
-        cached = manifest is not None
-        if manifest is None:
-            manifest = _quantize_and_export(model_dir, calibration_file, fmt, kv_cache, awq_block_size, max_tokens,
-                                            batch_size, device, key, out, parts,
-                                            parts.get("trtllm_checkpoint_tps", []))
+    manifest, cached = store.reuse_or_make(out, lambda out: _quantize_and_export(
+        model_dir, calibration_file, fmt, kv_cache, awq_block_size, max_tokens, batch_size, device, key, out, parts,
+        parts.get("trtllm_checkpoint_tps", [])))
     return QuantizedArtifact(fmt, str(out), str(out / "fakequant"), str(out / "unified"), manifest["content_hash"],
                              manifest.get("quant_algo"), awq_block_size, manifest["seconds"], cached)
 

@@ -163,10 +163,7 @@ def artifact_of(manifest: dict, out: Path, cached: bool) -> RecoveredArtifact:
 
 def cached_or_run(stage: str, key: str, run) -> RecoveredArtifact:
     out = store.stage_dir(stage, key)
-    with store.claim(out) as manifest:
-        cached = manifest is not None
-        if manifest is None:
-            manifest = run(out)
+    manifest, cached = store.reuse_or_make(out, run)
     return artifact_of(manifest, out, cached)
 
 

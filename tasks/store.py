@@ -20,7 +20,7 @@ import shutil
 import socket
 import uuid
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from tasks.digests import (HashingWriter, cached_sha256, digest_files, sha256_file,  # noqa: F401 (re-exported)
                            write_bytes)
@@ -273,6 +273,15 @@ def claim(out: Path) -> Iterator[dict | None]:
         yield manifest
         if manifest is None and _remote is not None and rel is not None and read_manifest(out) is not None:
             _remote.publish(rel, out)
+
+
+def reuse_or_make(out: Path, make: Callable[[Path], dict]) -> tuple[dict, bool]:
+    """(manifest, cached) of the stage output `out`: an intact one reused or fetched under :func:`claim`, else
+    `make(out)`'s (which writes it with :func:`atomic_dir` and returns its manifest)."""
+    with claim(out) as manifest:
+        if manifest is not None:
+            return manifest, True
+        return make(out), False
 
 
 def link_or_copy_tree(src: Path, dst: Path, known: dict[str, dict] | None = None) -> dict[str, dict]:
