@@ -28,6 +28,13 @@ def backend(name: str):
     return importlib.import_module(BACKENDS[name])
 
 
+def backend_code(name: str) -> list:
+    """The backend's modules: its own and the `PARTS` it keeps elsewhere (a profile's key covers them all, since
+    the profile is built, evaluated and served by that code)."""
+    module = backend(name)
+    return [module, *(importlib.import_module(part) for part in getattr(module, "PARTS", ()))]
+
+
 @dataclass(frozen=True)
 class BuildArtifact:
     target: str
@@ -44,7 +51,7 @@ def key_parts(*, checkpoint_fp: str, fmt: str, target, arch: str, toolchain: dic
     """Everything a profile depends on, by name (recorded in its manifest; `plan` diffs them)."""
     return {"checkpoint": checkpoint_fp, "format": fmt, "arch": arch, "toolchain": toolchain,
             "options": target.model_dump(mode="json", exclude={"name", "work_pool"}),
-            "code": store.source_digest(sys.modules[__name__], backend(target.backend))}
+            "code": store.source_digest(sys.modules[__name__], *backend_code(target.backend))}
 
 
 def profile_dir(model_slug: str, fmt: str, arch: str, tp: int, key: str) -> Path:

@@ -129,11 +129,12 @@ def cache_key(*, profile_fp: str, spec: EvaluationSpec, inputs: dict, backend_na
     backend's (how it runs the model for lm-eval)."""
     import sys
 
-    from tasks.build import backend
+    from tasks.build import backend_code
 
     yamls = {p.name: p.read_text() for p in sorted(TASK_DIR.glob("*.yaml"))}
     return store.key_of("evaluate", profile_fp, spec.model_dump(mode="json"), inputs, store.version_of("lm_eval"),
-                        yamls, store.source_digest(sys.modules[__name__]), store.source_digest(backend(backend_name)))
+                        yamls, store.source_digest(sys.modules[__name__]),
+                        store.source_digest(*backend_code(backend_name)))
 
 
 def per_item_rows(task: str, samples: list[dict]) -> list[dict]:

@@ -23,7 +23,6 @@ module imports, and fails with BackendUnavailable, where it is not installed.
 from __future__ import annotations
 
 import contextlib
-import functools
 import importlib
 import json
 import logging
@@ -56,21 +55,16 @@ AUTOTUNER_FILE = "autotuner_cache.json"
 BUILD_LOG = "build.log"
 RUNTIME_PYTORCH = "pytorch"
 RUNTIME_LEGACY = "legacy-engine"
+PARTS = ("tasks.backends.trtllm_eval", "tasks.backends.trtllm_serve")  # this backend's code kept in other modules
 
 # TensorRT-LLM's PyTorch model engine reads this variable in its autotuner warm-up and runs
 # `autotune(cache_path=...)`, which loads the file when present and saves the tuned tactics to it on exit
 # (tensorrt_llm/_torch/pyexecutor/model_engine.py, tensorrt_llm/_torch/autotuner.py). Newer releases write one JSON
 # file ({"metadata", "rank_<r>"}); older ones `<stem>.rank<r>.json` files: the profile keeps whatever was written.
 AUTOTUNER_ENV = "TLLM_AUTOTUNER_CACHE_PATH"
-# Before this release prompt_logprobs carry only the top-1 token per position, so loglikelihood cannot be scored
-# (ModelOpt examples/llm_eval/README.md; reference section 2).
-LOGLIKELIHOOD_SINCE = "1.3.0rc11"
 WARMUP_TOKENS = 8
 WARMUP_PROMPTS = ("The capital of France is", "def fibonacci(n):", "Quantization reduces the memory",
                   "Once upon a time")
-SERVE_STARTUP_TIMEOUT_S = 900.0  # model load, autotuning and CUDA-graph capture of a large model take minutes
-SERVE_STOP_GRACE_S = 30.0
-HEALTH_POLL_S = 1.0
 
 INSTALL_HINT = ("The trtllm backend needs TensorRT-LLM, which is not installed here. Run this target on a GPU "
                 "worker inside NVIDIA's TensorRT-LLM container (nvcr.io/nvidia/tensorrt-llm/release:<version>), "
@@ -86,7 +80,7 @@ class TrtllmError(RuntimeError):
     """A profile could not be built, evaluated or served; the message says what and why."""
 
 
-def _trtllm():
+def import_trtllm():
     try:
         return importlib.import_module("tensorrt_llm")
     except (ImportError, OSError) as exc:  # OSError: a CUDA/TensorRT shared library that does not load
@@ -101,7 +95,7 @@ def _tensorrt_version() -> str | None:
 
 
 def toolchain_versions() -> dict[str, str | None]:
-    trtllm = _trtllm()
+    trtllm = import_trtllm()
     full = store.toolchain()
     versions = {"tensorrt_llm": str(trtllm.__version__)}
     if (trt := _tensorrt_version()) is not None:
@@ -237,12 +231,12 @@ def build_profile(*, checkpoint_dir: str, target, device: dict, out: Path) -> di
 
     The model is loaded and warmed up on this worker's GPU in a child process (see _run_build_worker).
     """
-    trtllm = _trtllm()
+    trtllm = import_trtllm()
     out = Path(out)
     quant = read_quant_config(Path(checkpoint_dir))
     _check_target(target, device, quant, str(trtllm.__version__), Path(checkpoint_dir))
     if target.engine == "legacy":
-        _engine_llm_class(trtllm)  # fail before linking or loading anything
+        engine_llm_class(trtllm)  # fail before linking or loading anything
     store.link_or_copy_tree(Path(checkpoint_dir), out / CHECKPOINT)
     recorded = {
         "backend": NAME,
@@ -319,11 +313,11 @@ def _run_build_worker(request: dict, out: Path, *, env: dict) -> dict:
 
 def _build_worker(request: dict) -> dict:
     """In the child: load with the LLM API, (legacy) save the engine, warm up, shut down."""
-    trtllm = _trtllm()
+    trtllm = import_trtllm()
     if request["runtime"] == RUNTIME_PYTORCH:
         llm = trtllm.LLM(model=request["checkpoint"], **llm_kwargs(request["options"]))
     else:
-        llm = _engine_llm_class(trtllm)(model=request["checkpoint"], tokenizer=request["checkpoint"],
+        llm = engine_llm_class(trtllm)(model=request["checkpoint"], tokenizer=request["checkpoint"],
                                         tensor_parallel_size=request["tp"],
                                         build_config=trtllm.BuildConfig(**request["build_config"]))
     try:
@@ -348,7 +342,7 @@ def _warm_up(trtllm, llm, batches: list[int]) -> list[dict]:
     return calls
 
 
-def _engine_llm_class(trtllm):
+def engine_llm_class(trtllm):
     """`tensorrt_llm._tensorrt_engine.LLM`, the TensorRT-engine LLM, or a clear error where it was removed."""
     try:
         return importlib.import_module("tensorrt_llm._tensorrt_engine").LLM
@@ -371,7 +365,7 @@ def _tail(path: Path, lines: int = 40) -> str:
 # Autotuner cache at load time
 
 
-def _stage_autotuner_cache(profile: Path, scratch: Path) -> Path | None:
+def stage_autotuner_cache(profile: Path, scratch: Path) -> Path | None:
     """Copy the profile's autotuner cache to `scratch` and return the path to give TLLM_AUTOTUNER_CACHE_PATH.
 
     A copy: TensorRT-LLM rewrites the file at the end of its tuning pass, and a profile is immutable (its content
@@ -385,11 +379,11 @@ def _stage_autotuner_cache(profile: Path, scratch: Path) -> Path | None:
 
 
 @contextlib.contextmanager
-def _autotuner_env(profile: Path) -> Iterator[None]:
+def autotuner_env(profile: Path) -> Iterator[None]:
     """Best effort in process: the executor's MPI workers may not see a variable set after tensorrt_llm was
     imported (see _run_build_worker); then they tune again, which changes start-up time, not results."""
     with tempfile.TemporaryDirectory(prefix="trtllm-autotuner-") as scratch:
-        cache = _stage_autotuner_cache(profile, Path(scratch))
+        cache = stage_autotuner_cache(profile, Path(scratch))
         saved = os.environ.get(AUTOTUNER_ENV)
         if cache is not None:
             os.environ[AUTOTUNER_ENV] = str(cache)
@@ -403,200 +397,21 @@ def _autotuner_env(profile: Path) -> Iterator[None]:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# lm-eval
-
-
-def loglikelihood_blocker(version: str, *, legacy: bool) -> str | None:
-    """Why loglikelihood (and perplexity) requests cannot be scored on this profile, or None when they can."""
-    from packaging.version import InvalidVersion, Version
-
-    if legacy:
-        return ("loglikelihood needs prompt logprobs, which this legacy TensorRT engine cannot return (it was not "
-                "built with gather_context_logits); evaluate generate-until tasks only, or gate accuracy with the "
-                "reference backend")
-    try:
-        supported = Version(str(version)) >= Version(LOGLIKELIHOOD_SINCE)
-    except InvalidVersion:
-        supported = False
-    if supported:
-        return None
-    return (f"TensorRT-LLM {version} cannot score loglikelihood or perplexity tasks: before {LOGLIKELIHOOD_SINCE} "
-            f"prompt_logprobs carry only the top-1 token per position, so lm-eval would fail with a KeyError. Use "
-            f"a TensorRT-LLM >= {LOGLIKELIHOOD_SINCE} container, generate-until tasks only, or gate accuracy with "
-            f"the reference backend")
-
-
-def continuation_logprob(tokens: list[int], outputs, ctxlen: int) -> tuple[float, bool]:
-    """Sum of the continuation tokens' logprobs, and whether each was the top-1 token.
-
-    TensorRT-LLM aligns prompt_logprobs to the next token: entry i is the distribution that predicted
-    tokens[i + 1] (its worker computes them from prompt_token_ids[1:] + the first generated token). lm-eval
-    0.4.12/0.4.13's TRTLLM._parse_logprobs reads entry i for tokens[i] and raises KeyError (ModelOpt
-    examples/llm_eval/lm_eval_trtllm.py replaces it for the same reason).
-    """
-    entries = outputs.outputs[0].prompt_logprobs
-    if entries is None or len(entries) < len(tokens) - 1:
-        raise TrtllmError(f"prompt_logprobs has {0 if entries is None else len(entries)} entries for "
-                          f"{len(tokens)} prompt tokens; TensorRT-LLM scored a different prompt than was sent")
-    total, greedy = 0.0, True
-    for i in range(max(ctxlen, 1), len(tokens)):  # token 0 has no preceding distribution
-        entry = entries[i - 1]
-        scored = entry.get(tokens[i])
-        if scored is None:
-            raise TrtllmError(f"token {tokens[i]} at position {i} is missing from prompt_logprobs[{i - 1}]; "
-                              f"the logprobs do not match the prompt")
-        total += scored.logprob
-        if scored.rank is not None:
-            greedy = greedy and scored.rank == 1
-        else:
-            greedy = greedy and scored.logprob >= max(e.logprob for e in entry.values())
-    return total, greedy
-
-
-@contextlib.contextmanager
-def _swapped(module, name: str, value) -> Iterator[None]:
-    missing = object()
-    saved = getattr(module, name, missing)
-    setattr(module, name, value)
-    try:
-        yield
-    finally:
-        if saved is missing:
-            delattr(module, name)
-        else:
-            setattr(module, name, saved)
-
-
-@functools.cache
-def _profile_lm_class():
-    from lm_eval.models import trtllm_causallms as upstream
-
-    class ProfileTRTLLM(upstream.TRTLLM):
-        """lm-eval's own `trtllm` LM (tokenization, batching, requests) over an LLM loaded with the profile's
-        runtime options, with TensorRT-LLM's prompt-logprob alignment read correctly."""
-
-        def __init__(self, *, llm_factory, loglikelihood_blocked: str | None, **kwargs):
-            self.loglikelihood_blocked = loglikelihood_blocked
-            # TRTLLM.__init__ calls its module's `LLM(**its own kwargs)` and cannot pass further LlmArgs (KV-cache
-            # dtype, CUDA graphs, max_num_tokens): the profile's factory stands in for that one call.
-            with _swapped(upstream, "LLM", llm_factory):
-                super().__init__(**kwargs)
-
-        def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False):
-            if self.loglikelihood_blocked:
-                raise TrtllmError(self.loglikelihood_blocked)
-            return super()._loglikelihood_tokens(requests, disable_tqdm=disable_tqdm)
-
-        _parse_logprobs = staticmethod(continuation_logprob)
-
-    return ProfileTRTLLM
-
-
-def _eval_limits(profile: Path) -> dict:
-    if is_legacy(profile):
-        config = json.loads((profile / ENGINE / "config.json").read_text())
-        build = config["build_config"]
-        return {"max_seq_len": build["max_seq_len"], "max_batch_size": build["max_batch_size"],
-                "max_input_len": build["max_input_len"], "tp": config["pretrained_config"]["mapping"]["tp_size"]}
-    options = yaml.safe_load((profile / OPTIONS_FILE).read_text())
-    return {"max_seq_len": options["max_seq_len"], "max_batch_size": options["max_batch_size"],
-            "max_input_len": options["max_seq_len"] - 1, "tp": options["tensor_parallel_size"]}
-
-
-def _eval_llm(trtllm, profile: Path, **lm_eval_kwargs):
-    """The LLM for evaluation: the profile's options, KV-block reuse off (reused blocks return no prompt
-    logprobs), and lm-eval's max_input_len."""
-    kv_cache_config = importlib.import_module("tensorrt_llm.llmapi").KvCacheConfig
-    if is_legacy(profile):
-        return _engine_llm_class(trtllm)(model=str(profile / ENGINE), tokenizer=str(profile / CHECKPOINT),
-                                         kv_cache_config=kv_cache_config(enable_block_reuse=False))
-    options = yaml.safe_load((profile / OPTIONS_FILE).read_text())
-    kwargs = llm_kwargs(options)
-    kwargs["kv_cache_config"] = kv_cache_config(**{**options.get("kv_cache_config", {}), "enable_block_reuse": False})
-    return trtllm.LLM(model=str(profile / CHECKPOINT), max_input_len=lm_eval_kwargs["max_input_len"], **kwargs)
+# the backend's evaluation and serving (tasks/backends/trtllm_eval.py, tasks/backends/trtllm_serve.py)
 
 
 def lm_eval_model(profile_dir: Path, *, batch_size: int, max_length: int):
     """A context manager yielding an lm-eval LM over the profile, in process (lm-eval's `trtllm` model type)."""
-    trtllm = _trtllm()
-    profile = Path(profile_dir)
-    return _lm_eval_model(trtllm, profile, batch_size=batch_size, max_length=max_length)
+    from tasks.backends import trtllm_eval
+
+    return trtllm_eval.lm_eval_model(profile_dir, batch_size=batch_size, max_length=max_length)
 
 
-@contextlib.contextmanager
-def _lm_eval_model(trtllm, profile: Path, *, batch_size: int, max_length: int) -> Iterator[object]:
-    from lm_eval.models import trtllm_causallms as upstream
+def serve(profile_dir: Path, **kwargs):
+    """A context manager: trtllm-serve on the profile, yielding its OpenAI-compatible base URL (see trtllm_serve)."""
+    from tasks.backends import trtllm_serve
 
-    # lm-eval binds these names at its import, inside try/except: if it was imported before tensorrt_llm could be,
-    # they are missing. Bind them to the tensorrt_llm this process uses.
-    upstream.SamplingParams = trtllm.SamplingParams
-    upstream.KvCacheConfig = importlib.import_module("tensorrt_llm.llmapi").KvCacheConfig
-    limits = _eval_limits(profile)
-    max_input_len = min(max_length, limits["max_input_len"])
-    with _autotuner_env(profile):
-        lm = _profile_lm_class()(
-            llm_factory=functools.partial(_eval_llm, trtllm, profile),
-            loglikelihood_blocked=loglikelihood_blocker(trtllm.__version__, legacy=is_legacy(profile)),
-            model=str(profile / CHECKPOINT), tokenizer=str(profile / CHECKPOINT),
-            max_batch_size=limits["max_batch_size"], max_input_len=max_input_len,
-            max_output_len=limits["max_seq_len"] - max_input_len, tensor_parallel_size=limits["tp"],
-            batch_size=batch_size)
-        try:
-            yield lm
-        finally:
-            lm.llm.shutdown()
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# trtllm-serve
-
-
-def serve_command(profile_dir: Path, *, host: str, port: int, executable: str = "trtllm-serve") -> list[str]:
-    """The trtllm-serve command line for a profile (commands/serve.py; reference section 3.4).
-
-    Limits come from the options file (trtllm-serve applies it over its defaults) or, for an engine, from the
-    engine itself; no limit is repeated as a flag.
-    """
-    profile = Path(profile_dir)
-    checkpoint = profile / CHECKPOINT
-    needed = [profile / ENGINE / "config.json", checkpoint] if is_legacy(profile) else [checkpoint,
-                                                                                         profile / OPTIONS_FILE]
-    missing = [str(p) for p in needed if not p.exists()]
-    if missing:
-        raise TrtllmError(f"{profile} is not a complete trtllm profile: missing {', '.join(missing)}")
-    common = ["--host", host, "--port", str(port)]
-    if is_legacy(profile):
-        return [executable, str(profile / ENGINE), *common, "--backend", "tensorrt", "--tokenizer", str(checkpoint)]
-    return [executable, str(checkpoint), *common, "--backend", "pytorch",
-            "--extra_llm_api_options", str(profile / OPTIONS_FILE)]
-
-
-def serve(profile_dir: Path, *, host: str = "127.0.0.1", port: int, log_file: Path,
-          startup_timeout: float = SERVE_STARTUP_TIMEOUT_S):
-    """A context manager: start trtllm-serve on the profile, wait for GET /health to answer 200, yield the
-    OpenAI-compatible base URL (http://host:port/v1), and stop the server on exit. Its output goes to log_file."""
-    _trtllm()
-    executable = shutil.which("trtllm-serve")
-    if executable is None:
-        raise BackendUnavailable(f"trtllm-serve is not on PATH (it is installed with tensorrt_llm). {INSTALL_HINT}")
-    reachable = "127.0.0.1" if host in ("0.0.0.0", "") else host
-    command = serve_command(Path(profile_dir), host=host, port=port, executable=executable)
-    return _serving(command, Path(profile_dir), f"http://{reachable}:{port}", Path(log_file), startup_timeout)
-
-
-@contextlib.contextmanager
-def _serving(command: list[str], profile: Path, url: str, log_file: Path, timeout: float) -> Iterator[str]:
-    from tasks.backends.server import run_server
-
-    with tempfile.TemporaryDirectory(prefix="trtllm-serve-") as scratch:
-        env = dict(os.environ)
-        cache = _stage_autotuner_cache(profile, Path(scratch))
-        if cache is not None:
-            env[AUTOTUNER_ENV] = str(cache)
-        with run_server(command, health_url=f"{url}/health", log_file=log_file, timeout_s=timeout, env=env,
-                        name="trtllm-serve", error=TrtllmError, stop_grace_s=SERVE_STOP_GRACE_S,
-                        poll_s=HEALTH_POLL_S):
-            yield f"{url}/v1"
+    return trtllm_serve.serve(profile_dir, **kwargs)
 
 
 def _main(argv: list[str]) -> int:

@@ -23,7 +23,7 @@ import yaml
 
 from recipes.schema import TargetSpec
 from tasks import build, store
-from tasks.backends import trtllm
+from tasks.backends import trtllm, trtllm_eval, trtllm_serve
 
 FAKES = Path(__file__).resolve().parents[1] / "fakes"
 H100 = {"arch": "sm_90", "device": "cuda", "gpu_name": "NVIDIA H100 80GB HBM3", "gpu_count": 1,
@@ -337,7 +337,7 @@ def test_legacy_engine_needs_a_tensorrt_llm_that_still_has_it(fake, tmp_path, ti
         build_into(tmp_path, tiny_model_dir, target(engine="legacy"))
     assert not any((tmp_path / "profile").iterdir())
     with pytest.raises(trtllm.TrtllmError, match=r"1\.3\.0rc20 was the last release with it"):
-        trtllm._engine_llm_class(importlib.import_module("tensorrt_llm"))
+        trtllm.engine_llm_class(importlib.import_module("tensorrt_llm"))
 
 
 # --- build through tasks.build: the manifest pins the toolchain --------------------------------------------------
@@ -415,7 +415,7 @@ def test_a_server_that_never_gets_healthy_times_out_and_is_stopped(fake_serve, f
                                                                    monkeypatch):
     out, _ = build_into(tmp_path, tiny_model_dir, target())
     monkeypatch.setenv("FAKE_TRTLLM_SERVE_MODE", "unhealthy")
-    monkeypatch.setattr(trtllm, "HEALTH_POLL_S", 0.2)
+    monkeypatch.setattr(trtllm_serve, "HEALTH_POLL_S", 0.2)
     log_file = tmp_path / "serve.log"
     with pytest.raises(trtllm.TrtllmError, match=r"(?s)did not answer 200 on .*/health within 2 s.*Uvicorn running"):
         with trtllm.serve(out, port=free_port(), log_file=log_file, startup_timeout=2.0):
@@ -426,7 +426,7 @@ def test_a_server_that_never_gets_healthy_times_out_and_is_stopped(fake_serve, f
 def test_a_server_that_ignores_sigterm_is_killed(fake_serve, fake, tmp_path, tiny_model_dir, monkeypatch):
     out, _ = build_into(tmp_path, tiny_model_dir, target())
     monkeypatch.setenv("FAKE_TRTLLM_SERVE_MODE", "stubborn")
-    monkeypatch.setattr(trtllm, "SERVE_STOP_GRACE_S", 1.0)
+    monkeypatch.setattr(trtllm_serve, "SERVE_STOP_GRACE_S", 1.0)
     log_file = tmp_path / "serve.log"
     with trtllm.serve(out, port=free_port(), log_file=log_file):
         pid = fake.one("trtllm-serve")["pid"]
@@ -442,7 +442,7 @@ def test_serve_needs_trtllm_serve_and_a_complete_profile(fake, tmp_path, tiny_mo
         trtllm.serve(out, port=free_port(), log_file=tmp_path / "serve.log")
     (out / "extra_llm_api_options.yaml").unlink()
     with pytest.raises(trtllm.TrtllmError, match="missing .*extra_llm_api_options.yaml"):
-        trtllm.serve_command(out, host="127.0.0.1", port=8000)
+        trtllm_serve.serve_command(out, host="127.0.0.1", port=8000)
 
 
 # --- lm-eval ----------------------------------------------------------------------------------------------------
@@ -500,7 +500,7 @@ def test_loglikelihood_reads_prompt_logprobs_aligned_to_the_next_token(fake, ups
                                                                                                prompt_logprobs=1))
     with pytest.raises((KeyError, IndexError)):
         upstream.TRTLLM._parse_logprobs(tokens, output, 2)
-    assert trtllm.continuation_logprob(tokens, output, 2)[0] == pytest.approx(
+    assert trtllm_eval.continuation_logprob(tokens, output, 2)[0] == pytest.approx(
         sum(fake_logprob(tokens[i], i) for i in range(2, len(tokens))))
 
 
