@@ -14,7 +14,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from recipes.schema import Recipe, RecipeError, load_recipe
+from recipes.load import load_recipe
+from recipes.schema import Recipe, RecipeError
 
 # Exit codes: CI gates on them (README "The command line").
 EXIT_OK, EXIT_ERROR, EXIT_BAD_INPUT, EXIT_REFUSED, EXIT_NOT_CERTIFIED = 0, 1, 2, 3, 4

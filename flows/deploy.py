@@ -105,7 +105,8 @@ def load_plan(prefect_file: Path | str | None = None, *, only: list[str] | None 
         DeployError: listing every problem found.
     """
     from flows.env import flow_run_env, recipe_needs_hub
-    from recipes.schema import RecipeError, load_recipe
+    from recipes.load import load_recipe
+    from recipes.schema import RecipeError
 
     path = Path(prefect_file) if prefect_file else project_dir() / "prefect.yaml"
     try:

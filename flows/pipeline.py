@@ -21,7 +21,7 @@ from flows import publish
 from flows.stages import (build_task, calibrate_task, evaluate_task, gate_task, import_task, latency_task,
                           quantize_task, result_of)
 from flows.quantize_flow import quantize_elsewhere
-from recipes.schema import load_recipe
+from recipes.load import load_recipe
 from registry import artifact_share
 from registry import mlflow_registry as registry
 from tasks import gates, ladder, promote, quantize, recover, store

@@ -12,10 +12,8 @@ import json
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-import yaml
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
 
-from recipes import files
 
 QuantFormat = Literal["fp8", "int8_sq", "int4_awq", "w4a8_awq", "nvfp4"]
 QUANT_FORMATS: tuple[str, ...] = QuantFormat.__args__  # type: ignore[attr-defined]
@@ -350,93 +348,3 @@ class Recipe(Strict):
         for key in path:
             node = node[key]
         return hashlib.sha256(json.dumps(node, sort_keys=True).encode()).hexdigest()
-
-
-def _format_errors(err: ValidationError) -> list[str]:
-    lines = []
-    for e in err.errors():
-        loc = ".".join(str(p) for p in e["loc"]) or "(recipe)"
-        msg = e["msg"].removeprefix("Value error, ")
-        if e["type"] == "extra_forbidden":
-            msg = "unknown field (check the spelling; `enginewright schema` lists the fields)"
-        elif e["type"] not in ("missing", "value_error") and isinstance(e.get("input"), (str, int, float, bool)):
-            msg = f"got {str(e['input'])[:80]!r}: {msg}"  # name the offending value, not only the allowed ones
-        lines.append(f"{loc}: {msg}")
-    return lines
-
-
-def apply_overrides(data: dict, overrides: list[str]) -> dict:
-    """Apply `key.path=value` overrides; values are parsed as YAML (`gates.latency.ttft_p95_ms=500`)."""
-    for item in overrides:
-        key, sep, raw = item.partition("=")
-        if not sep or not key:
-            raise RecipeError(f"override '{item}': expected key.path=value")
-        node = data
-        parts = key.split(".")
-        for part in parts[:-1]:
-            if isinstance(node, list) and part.isdigit():
-                node = node[int(part)]
-            else:
-                node = node.setdefault(part, {})
-        last = parts[-1]
-        value = yaml.safe_load(raw)
-        if isinstance(node, list) and last.isdigit():
-            node[int(last)] = value
-        else:
-            node[last] = value
-    return data
-
-
-def check_files(recipe: Recipe, base_dir: Path) -> list[str]:
-    """Files the recipe names must exist now, not an hour into the run."""
-    problems = []
-    if recipe.model.source in ("hf_dir", "gguf"):
-        try:
-            path = resolve_path(recipe.model.path, base_dir)  # type: ignore[arg-type]
-        except FileNotFoundError as exc:
-            problems.append(f"model.path: {exc}")
-        else:
-            if recipe.model.source == "gguf" and not path.is_file():
-                problems.append(f"model.path: GGUF file not found: {path}")
-            elif recipe.model.source == "gguf" and (problem := files.gguf_problem(path)):
-                problems.append(f"model.path: {problem}")
-            if recipe.model.source == "hf_dir" and not (path / "config.json").is_file():
-                problems.append(f"model.path: not a Hugging Face checkpoint directory (no config.json): {path}")
-            elif recipe.model.source == "hf_dir":
-                problems += [f"model.path: {problem}" for problem in files.checkpoint_problems(path)]
-    for i, p in enumerate(recipe.calibration.paths):
-        path = resolve_path(p, base_dir)
-        if not path.is_file():
-            problems.append(f"calibration.paths.{i}: file not found: {path}")
-        elif path.suffix not in (".jsonl", ".json", ".parquet", ".txt"):
-            problems.append(f"calibration.paths.{i}: expected a .jsonl, .json, .parquet or .txt file, got {path.name}")
-        elif problem := files.data_file_problem(path):
-            problems.append(f"calibration.paths.{i}: {problem}")
-    return problems
-
-
-def load_recipe(path: str | Path, overrides: list[str] | None = None) -> tuple[Recipe, Path]:
-    """Read, override, validate. Returns the recipe and the directory its relative paths resolve against.
-
-    Raises:
-        RecipeError: listing every problem found (schema and missing files), one per line.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise RecipeError(f"recipe file not found: {path}")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise RecipeError(f"{path}: not valid YAML: {exc}") from None
-    if not isinstance(data, dict):
-        raise RecipeError(f"{path}: expected a mapping at the top level")
-    data = apply_overrides(data, overrides or [])
-    base_dir = path.resolve().parent
-    try:
-        recipe = Recipe.model_validate(data)
-    except ValidationError as exc:
-        raise RecipeError(f"{path}: {exc.error_count()} problem(s):\n  " + "\n  ".join(_format_errors(exc))) from None
-    problems = check_files(recipe, base_dir)
-    if problems:
-        raise RecipeError(f"{path}: {len(problems)} problem(s):\n  " + "\n  ".join(problems))
-    return recipe, base_dir

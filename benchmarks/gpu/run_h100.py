@@ -56,7 +56,7 @@ def main() -> None:
     ap.add_argument("--latency-requests", type=int, help="latency load: requests per level (default: the recipe's)")
     args = ap.parse_args()
 
-    from recipes.schema import load_recipe
+    from recipes.load import load_recipe
     from tasks import benchmark, build, calibrate, evaluate, gates, import_model, quantize, store
     from tasks.targets import make_plan
 

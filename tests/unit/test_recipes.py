@@ -4,7 +4,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from recipes.schema import Recipe, RecipeError, load_recipe
+from recipes.load import load_recipe
+from recipes.schema import Recipe, RecipeError
 
 ROOT = Path(__file__).resolve().parents[2]
 DEMO = ROOT / "recipes" / "demo.yaml"
