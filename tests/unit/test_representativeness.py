@@ -9,7 +9,8 @@ import pytest
 import yaml
 
 from recipes.schema import CalibrationSpec, Recipe, RepresentativenessSpec
-from tasks import calibrate, representativeness as rep
+from tasks import activation_ranges, calibrate
+from tasks import representativeness as rep
 
 
 
@@ -152,7 +153,7 @@ def test_prefect_artifacts_have_valid_keys(tiny_model_dir, tmp_path, monkeypatch
     from flows import publish
 
     report = rep.apply_thresholds(_reports(tiny_model_dir, tmp_path)[1], RepresentativenessSpec(max_ks=0.08))
-    report = rep.replace(report, layers=(rep.LayerRange("model.layers.0.mlp.down_proj", 2.0, 1.0, 2.0),),
+    report = rep.replace(report, layers=(activation_ranges.LayerRange("model.layers.0.mlp.down_proj", 2.0, 1.0, 2.0),),
                          activation_ratio=2.0)
     made = []
     monkeypatch.setattr(prefect.artifacts, "create_markdown_artifact", lambda **kw: made.append(("md", kw)))
@@ -174,11 +175,11 @@ def test_prefect_artifacts_have_valid_keys(tiny_model_dir, tmp_path, monkeypatch
 def test_activation_ranges_compare_calibration_and_holdout(tiny_model_dir):
     rng, vocab = random.Random(2), vocabulary()
     prose = [" ".join(rng.choice(vocab) for _ in range(30)) for _ in range(8)]
-    same = rep.activation_ranges(str(tiny_model_dir), prose, prose, max_tokens=32, batch_size=4)
+    same = activation_ranges.activation_ranges(str(tiny_model_dir), prose, prose, max_tokens=32, batch_size=4)
     assert len(same) == 14 and all(r.ratio == 1.0 for r in same)  # 7 Linear layers x 2 decoder layers, no lm_head
     assert not any("lm_head" in r.layer for r in same)
     odd = ["~~~ ||| ^^^ ``` $$$ ### @@@ " * 4 for _ in range(8)]
-    rows = rep.activation_ranges(str(tiny_model_dir), prose, odd, max_tokens=32, batch_size=4)
+    rows = activation_ranges.activation_ranges(str(tiny_model_dir), prose, odd, max_tokens=32, batch_size=4)
     assert [r.ratio for r in rows] == sorted((r.ratio for r in rows), reverse=True) and rows[0].ratio > 1.0
     report = rep.Report(source="t", n_sample=8, n_reference=8, ks=0.0, ks_pvalue=1.0, quantiles={}, strata=(),
                         stratum_share_gap=0.0, over_max_tokens_share={}, duplicates={}, layers=rows,
