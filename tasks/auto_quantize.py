@@ -105,7 +105,7 @@ def _auto_quantize(model_dir, calibration_file, spec, kv_cache, blocks, max_toke
     achieved = _effective_bits(best, spec.effective_bits)
     layers = {k.removesuffix(".quant_recipe"): str(v) for k, v in best.get("recipe", {}).items()}
     with store.atomic_dir(out) as tmp:
-        quant_config = recover.export_checkpoints(model, tokenizer, tmp)
+        quant_config = recover.export_checkpoints(model, tokenizer, tmp, dtype=recover.stored_dtype(device))
         (tmp / "layer_formats.json").write_text(json.dumps(layers, indent=1, sort_keys=True))
         seconds = round(time.perf_counter() - started, 2)
         cost_format = max(spec.formats, key=lambda f: (SERVING_COST[f].activation_bits, SERVING_COST[f].weight_bits))

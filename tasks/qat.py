@@ -125,7 +125,7 @@ def _qat(model_dir, ptq, texts, spec, device, key, parts, out) -> dict:
     del teacher, optimizer
     name = qat_name(ptq.format)
     with store.atomic_dir(out) as tmp:
-        quant_config = recover.export_checkpoints(student, tokenizer, tmp)
+        quant_config = recover.export_checkpoints(student, tokenizer, tmp, dtype=recover.stored_dtype(device))
         (tmp / "loss_curve.json").write_text(json.dumps(curve))
         seconds = round(time.perf_counter() - started, 2)
         manifest = store.write_manifest(tmp, {

@@ -78,6 +78,13 @@ def key_parts(method: str, *, stage, model_fp: str, device: str, **inputs) -> di
             "code": store.source_digest(stage, sys.modules[__name__], quantize)}
 
 
+def stored_dtype(device: str):
+    """The dtype checkpoints are stored in and the reference backend loads on `device`: bf16 on CUDA, else fp32."""
+    import torch
+
+    return torch.bfloat16 if device == "cuda" else torch.float32
+
+
 def load_model(model_dir: str, device: str, *, dtype=None):
     """A base checkpoint, or a PTQ fake-quant checkpoint with its quantizers restored (tasks/quant_state.py).
     bf16 on CUDA unless `dtype` says otherwise, float32 on CPU."""
@@ -88,7 +95,7 @@ def load_model(model_dir: str, device: str, *, dtype=None):
     from tasks import quant_state
 
     mto.enable_huggingface_checkpointing()  # a saved quantized model (modelopt_state.pth) comes back quantized
-    dtype = dtype or (torch.bfloat16 if device == "cuda" else torch.float32)
+    dtype = dtype or stored_dtype(device)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device)
     if quant_state.is_quant_state_dir(model_dir):
         model = quant_state.restore(model, model_dir)
@@ -132,17 +139,16 @@ def probe_seconds(model, batch: dict) -> float:
     return time.perf_counter() - started
 
 
-def export_checkpoints(model, tokenizer, tmp: Path) -> dict | None:
+def export_checkpoints(model, tokenizer, tmp: Path, *, dtype) -> dict | None:
     """The same two checkpoints PTQ writes (tasks/quantize.py); returns the unified export's quant config.
 
-    Trained or scored in fp32, the model is stored in the dtype PTQ stores and the reference backend loads on this
-    device (bf16 on CUDA): fp32 quantizer buffers (AWQ's pre_quant_scale) met bf16 weights at load otherwise."""
+    Trained or scored in fp32, the model is first cast to `dtype`, the one the checkpoint is loaded in
+    (:func:`stored_dtype`): fp32 quantizer buffers (AWQ's pre_quant_scale) met bf16 weights at load otherwise."""
     import modelopt.torch.quantization as mtq
     import torch
     from modelopt.torch.export import export_hf_checkpoint
 
-    model.to(torch.bfloat16 if next(model.parameters()).is_cuda else torch.float32)
-
+    model.to(dtype)
     mtq.print_quant_summary(model, output_dir=str(tmp))
     model.save_pretrained(tmp / "fakequant")  # before export: export packs weights in place
     tokenizer.save_pretrained(tmp / "fakequant")

@@ -132,3 +132,24 @@ def test_a_crashing_recovery_rung_is_reported_and_the_next_rung_still_runs(monke
     assert results["auto_quantize"] == ("auto_quantize failed: RuntimeError: CUDA error: an illegal memory access "
                                         "was encountered")
     assert results["int4_awq+qat"] == "the qat artifact"
+
+
+def test_an_fp32_recovered_model_stored_for_bf16_loads_and_runs_in_bf16(tiny_model_dir, tmp_path):
+    """On CUDA the rungs train/score in fp32 and the reference backend loads bf16: a stored fp32 AWQ
+    pre_quant_scale met bf16 weights ("expected mat1 and mat2 to have the same dtype", seen on an H200)."""
+    import modelopt.torch.opt as mto
+    import modelopt.torch.quantization as mtq
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model, tokenizer = recover.load_model(str(tiny_model_dir), "cpu", dtype=torch.float32)
+    calib = torch.randint(4, 512, (4, 48), generator=torch.Generator().manual_seed(1))
+    cfg = quantize.build_quant_config("int4_awq", kv_cache="none", awq_block_size=64)
+    mtq.quantize(model, cfg, lambda m: m(input_ids=calib, use_cache=False))
+    recover.export_checkpoints(model, tokenizer, tmp_path, dtype=torch.bfloat16)
+
+    mto.enable_huggingface_checkpointing()
+    stored = AutoModelForCausalLM.from_pretrained(tmp_path / "fakequant", dtype=torch.bfloat16).eval()
+    with torch.no_grad():
+        logits = stored(input_ids=calib[:1]).logits
+    assert logits.dtype == torch.bfloat16 and torch.isfinite(logits).all()
