@@ -99,13 +99,14 @@ def _qat(model_dir, ptq, texts, spec, device, key, parts, out) -> dict:
     student.train()
     curve: list[float] = []
     log.info("qat of %s on %s: %d steps x %d x %d tokens from %d windows (%d texts), lr %g; ~%.0f s estimated "
-             "(one forward %.2f s); ~%.1f GiB needed of %.1f GiB free", ptq.format, device, spec.steps,
+             "(rough: 4 forwards of %.2f s per step); ~%.1f GiB needed of %.1f GiB free", ptq.format, device, spec.steps,
              spec.batch_size, spec.seq_len, len(windows), len(texts), spec.lr, 4 * probe * spec.steps, probe,
              need / GIB, free)
     for step in range(spec.steps):
         picks = [order[(step * spec.batch_size + j) % len(windows)] for j in range(spec.batch_size)]
         batch = windows[torch.stack(picks)].to(device)
-        t0 = time.perf_counter()
+        if step == 0:
+            t_first = time.perf_counter()
         with torch.no_grad():
             target = teacher(input_ids=batch).logits
         with torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda"):
@@ -116,8 +117,11 @@ def _qat(model_dir, ptq, texts, spec, device, key, parts, out) -> dict:
         optimizer.step()
         curve.append(round(loss.item(), 6))
         if step == 0:
-            log.info("qat of %s: ~%.0f s estimated for %d steps (first step %.1f s)", ptq.format,
-                     (time.perf_counter() - t0) * spec.steps, spec.steps, time.perf_counter() - t0)
+            first_done = time.perf_counter()
+        elif step == 2 and spec.steps > 3:  # the first step warms up kernels and allocators: time the next two
+            per_step = (time.perf_counter() - first_done) / 2
+            log.info("qat of %s: ~%.0f s estimated for the remaining %d steps (%.2f s per step; first step %.1f s)",
+                     ptq.format, per_step * (spec.steps - 3), spec.steps - 3, per_step, first_done - t_first)
         if (step + 1) % max(1, spec.steps // 10) == 0 or step + 1 == spec.steps:
             log.info("qat of %s: step %d/%d, KL %.4f, %.0f s elapsed", ptq.format, step + 1, spec.steps, curve[-1],
                      time.perf_counter() - started)
