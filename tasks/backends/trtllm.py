@@ -295,6 +295,8 @@ def _run_build_worker(request: dict, out: Path, *, env: dict) -> dict:
     autotuner cache path must be in the environment before tensorrt_llm is imported. It also returns the GPU memory
     when the build ends, whatever happens inside. The child's output goes to build.log in the profile.
     """
+    from tasks.backends.server import dies_with_parent
+
     project_root = str(Path(__file__).resolve().parents[2])
     python_path = [project_root] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
     child_env = {**os.environ, **env, "PYTHONPATH": os.pathsep.join(python_path)}
@@ -302,7 +304,9 @@ def _run_build_worker(request: dict, out: Path, *, env: dict) -> dict:
     with tempfile.TemporaryDirectory(prefix="trtllm-build-") as scratch:
         request_file, result_file = Path(scratch) / "request.json", Path(scratch) / "result.json"
         request_file.write_text(json.dumps({**request, "result": str(result_file)}))
-        command = [sys.executable, "-m", "tasks.backends.trtllm", "build-worker", str(request_file)]
+        # stopped by the kernel if this process dies mid-build (as model servers are: tasks/backends/server.py)
+        command = dies_with_parent([sys.executable, "-m", "tasks.backends.trtllm", "build-worker", str(request_file)],
+                                   child_env)
         with open(log_file, "wb") as logf:
             code = subprocess.run(command, stdout=logf, stderr=subprocess.STDOUT, env=child_env, cwd=scratch).returncode
         if code != 0 or not result_file.is_file():
