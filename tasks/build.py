@@ -130,4 +130,10 @@ def verify_artifact(profile_dir: str | Path, *, device: dict | None = None, tool
             f"profile {profile_dir} ({manifest['format']} for target '{manifest['target']['name']}') does not match "
             "this machine:\n  " + "\n  ".join(diffs) + "\nRebuild it here: rerun the recipe on a worker with this "
             "GPU and toolchain (the build cache key includes both, so the rerun builds a new profile).")
+    built_on, here = manifest["target"].get("gpu_name"), device.get("gpu_name")
+    if built_on and here and built_on != here:  # same arch: the kernels run, the measurements were of another GPU
+        log.warning("profile %s was built and measured on %s; this machine has %s (both %s): it loads, but its "
+                    "latency numbers%s are the other GPU's; `enginewright resolve --gpu` prefers a build for this GPU",
+                    profile_dir, built_on, here, device["arch"],
+                    " and autotuned kernels" if manifest["backend"] == "trtllm" else "")
     return manifest

@@ -343,7 +343,8 @@ def test_legacy_engine_needs_a_tensorrt_llm_that_still_has_it(fake, tmp_path, ti
 # --- build through tasks.build: the manifest pins the toolchain --------------------------------------------------
 
 
-def test_manifest_pins_tensorrt_llm_and_a_version_change_is_refused(fake, tiny_model_dir, monkeypatch):
+def test_manifest_pins_tensorrt_llm_and_a_version_change_is_refused(fake, tiny_model_dir, monkeypatch,
+                                                                     caplog):
     kwargs = dict(model_slug="tiny", checkpoint_dir=str(tiny_model_dir), checkpoint_fp="tiny-fp", fmt="none",
                   quant_algo=None, target=target(), device=H100)
     artifact = build.build(**kwargs)
@@ -355,6 +356,11 @@ def test_manifest_pins_tensorrt_llm_and_a_version_change_is_refused(fake, tiny_m
     assert manifest["target"]["gpu_memory_gib"] == H100["gpu_memory_gib"]
     assert (Path(artifact.path) / "autotuner" / "autotuner_cache.json").is_file()
     assert build.verify_artifact(artifact.path, device=H100)["content_hash"] == artifact.fingerprint
+    h20 = dict(H100, gpu_name="NVIDIA H20", gpu_memory_gib=95.6)  # same sm_90: loads, and says whose numbers they are
+    with caplog.at_level("WARNING", logger="tasks.build"):
+        assert build.verify_artifact(artifact.path, device=h20)["content_hash"] == artifact.fingerprint
+    assert "built and measured on NVIDIA H100 80GB HBM3; this machine has NVIDIA H20" in caplog.text
+    assert "autotuned kernels" in caplog.text
 
     assert build.build(**kwargs).cached and len(fake.named("pytorch.LLM")) == 1  # same toolchain: reused
 
