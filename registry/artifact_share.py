@@ -1,10 +1,13 @@
 """Stage outputs shared between hosts through MLflow's artifact store (the one place artifacts live between hosts).
 
 A stage output ``<stage>/<key>/`` made on one host is published under ``<artifact root of the enginewright-store
-experiment>/store/<stage>/<key>/``: every file first, the manifest last, so a reader that finds the manifest finds
-every file. Another host fetches it by the same content key into its local store (a cache of this one), verifying
-every digest before the directory appears. Works wherever MLflow's artifact repositories do: a local
-``mlartifacts`` directory, the tracking server's artifact proxy (``mlflow-artifacts:``), S3/GCS behind it.
+experiment>/store/``: each file once, by content, as ``blobs/<sha256[:2]>/<sha256>`` (a blob already there is not
+uploaded again: the base weights a quantized checkpoint hard-links travel once, with the imported model), then its
+manifest as ``<stage>/<key>/manifest.json``, last, so a reader that finds the manifest finds every file. Another host
+fetches it by the same content key into its local store (a cache of this one): a file whose digest an entry of its
+own store already holds is hard-linked from there, the others are downloaded, and every digest is verified before
+the directory appears. Works wherever MLflow's artifact repositories do: a local ``mlartifacts`` directory, the
+tracking server's artifact proxy (``mlflow-artifacts:``), S3/GCS behind it.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ EXPERIMENT = "enginewright-store"
 # What another host needs: the imported model, the calibration set, the quantized checkpoints. Profiles are built
 # on their target's host and reach other hosts through the registry; evaluation results are small and per host.
 SHARED_STAGES = ("models/", "calibration/", "quantized/")
+BLOBS = "blobs"
 
 
 class MlflowArtifactShare(store.Remote):
@@ -42,41 +46,91 @@ class MlflowArtifactShare(store.Remote):
     def _repo(self, rel: str):
         return get_artifact_repository(f"{self.root}/{rel}")
 
+    @staticmethod
+    def _blob_dir(sha256: str) -> str:
+        return f"{BLOBS}/{sha256[:2]}"
+
     def fetch(self, rel: str, dest: Path) -> bool:
         if not rel.startswith(SHARED_STAGES):
             return False
-        repo = self._repo(rel)
         with tempfile.TemporaryDirectory() as scratch:
             try:
-                manifest_file = repo.download_artifacts(store.MANIFEST, scratch)
+                manifest_file = self._repo(rel).download_artifacts(store.MANIFEST, scratch)
             except (MlflowException, OSError):
                 return False  # not published (yet)
             manifest = json.loads(Path(manifest_file).read_text())
+        records = manifest.get("files", {})
+        local = _local_files_by_digest({m["sha256"] for m in records.values()}, exclude=dest)
         tmp = store.temporary_sibling(dest)
         tmp.mkdir(parents=True)
+        downloaded = 0
         try:
-            for name in manifest.get("files", {}):
-                repo.download_artifacts(name, str(tmp))
+            for name, meta in records.items():
+                target = tmp / name
+                target.parent.mkdir(parents=True, exist_ok=True)
+                if (source := local.get(meta["sha256"])) is not None:
+                    _link_or_copy(source, target)
+                    continue
+                try:
+                    blob = self._repo(self._blob_dir(meta["sha256"])).download_artifacts(meta["sha256"], str(tmp))
+                except (MlflowException, OSError) as exc:
+                    log.warning("%s is published but its file %s (blob %s) is missing from the artifact store (%s); "
+                                "making it here instead", rel, name, meta["sha256"][:16], exc)
+                    shutil.rmtree(tmp, ignore_errors=True)
+                    return False
+                os.replace(blob, target)
+                downloaded += meta["size"]
             (tmp / store.MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True, default=str))
             store.check(tmp, full=True)  # never let a damaged download into the store
             os.replace(tmp, dest)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-        size = sum(m["size"] for m in manifest.get("files", {}).values())
-        log.info("fetched %s from the artifact store (%.1f MB, digests verified)", rel, size / 1e6)
+        size = sum(m["size"] for m in records.values())
+        log.info("fetched %s from the artifact store (%.1f MB, %.1f MB of it downloaded, the rest linked from this "
+                 "host's store; digests verified)", rel, size / 1e6, downloaded / 1e6)
         return True
 
     def publish(self, rel: str, src: Path) -> None:
         if not rel.startswith(SHARED_STAGES):
             return
-        repo = self._repo(rel)
         manifest = store.read_manifest(src)
-        for name in manifest.get("files", {}):
-            parent = Path(name).parent.as_posix()
-            repo.log_artifact(str(Path(src) / name), None if parent == "." else parent)
-        repo.log_artifact(str(Path(src) / store.MANIFEST))  # last
-        log.info("published %s to the artifact store", rel)
+        uploaded = 0
+        with tempfile.TemporaryDirectory() as scratch:
+            for name, meta in manifest.get("files", {}).items():
+                sha = meta["sha256"]
+                repo = self._repo(self._blob_dir(sha))
+                if any(Path(f.path).name == sha for f in repo.list_artifacts()):
+                    continue  # already there (content-addressed: the same bytes)
+                named = Path(scratch) / sha  # log_artifact names the artifact after the local file
+                _link_or_copy(Path(src) / name, named)
+                repo.log_artifact(str(named))
+                named.unlink()
+                uploaded += meta["size"]
+        self._repo(rel).log_artifact(str(Path(src) / store.MANIFEST))  # last
+        log.info("published %s to the artifact store (%.1f MB uploaded; files already there by content skipped)",
+                 rel, uploaded / 1e6)
+
+
+def _local_files_by_digest(wanted: set[str], *, exclude: Path) -> dict[str, Path]:
+    """Files of this host's shared-stage entries whose recorded digest is wanted (verified again after linking)."""
+    found: dict[str, Path] = {}
+    for stage in SHARED_STAGES:
+        for manifest_file in sorted((store.home() / stage).glob(f"**/{store.MANIFEST}")):
+            entry = manifest_file.parent
+            if entry == exclude or entry.name.startswith("."):
+                continue
+            for name, meta in (store.read_manifest(entry) or {}).get("files", {}).items():
+                if meta["sha256"] in wanted and meta["sha256"] not in found and (entry / name).is_file():
+                    found[meta["sha256"]] = entry / name
+    return found
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:  # another filesystem
+        shutil.copy2(src, dst)
 
 
 def sharing_enabled() -> bool:

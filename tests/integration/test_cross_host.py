@@ -92,6 +92,9 @@ def test_quantize_on_one_host_build_on_another_then_serve_from_a_third(prefect_s
     [made] = (homes["quantizer"] / "quantized" / "fp8").glob("*/manifest.json")
     fetched = homes["builder"] / made.relative_to(homes["quantizer"])
     assert fetched.read_text() == made.read_text()  # the same artifact (its timings too): fetched, not recomputed
+    # the base weights the checkpoint hard-links travelled once, with the model: here they are links into its entry
+    model_files = {p.stat().st_ino for p in (homes["builder"] / "models").rglob("*.safetensors")}
+    assert any(p.stat().st_ino in model_files for p in fetched.parent.rglob("*.safetensors"))
 
     server_env = clean_env(**common, ENGINEWRIGHT_HOME=str(homes["server"]))
     dest = tmp_path / "served"
