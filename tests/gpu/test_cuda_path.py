@@ -61,3 +61,29 @@ def test_quantizer_state_restores_bit_exactly_on_cuda(tiny_model_dir, tmp_path, 
     restored = quant_state.restore(load(), tmp_path)
     with torch.no_grad():
         assert torch.equal(restored(input_ids=ids).logits, expected)
+
+
+def test_recovery_rungs_train_score_and_build_on_cuda(tiny_model_dir, calib_file):
+    """AutoQuantize scores in fp32 and QAT trains fp32 master weights on CUDA (AdamW steps of ~lr vanish in bf16
+    weights); both store bf16 checkpoints the reference backend builds and runs (on an H200 an fp32-stored AWQ
+    scale met bf16 weights and broke the build check)."""
+    from pydoc_data.topics import topics
+
+    from recipes.schema import AutoQuantizeSpec, QatSpec, TargetSpec
+    from tasks import auto_quantize, build, qat, quantize, store
+
+    ptq = quantize.quantize(model_dir=str(tiny_model_dir), model_fp="tiny", calibration_file=calib_file,
+                            calib_digest="c", fmt="int4_awq", max_tokens=64, batch_size=4)
+    aq = auto_quantize.auto_quantize(model_dir=str(tiny_model_dir), model_fp="tiny", calibration_file=calib_file,
+                                     calib_digest="c", spec=AutoQuantizeSpec(formats=["int4_awq", "fp8"],
+                                                                             effective_bits=9.0, score_batches=2),
+                                     recovered_from="int4_awq", max_tokens=64, batch_size=8)
+    assert aq.weight_bits is not None and aq.weight_bits <= 9.0
+    trained = qat.qat(model_dir=str(tiny_model_dir), model_fp="tiny", ptq=ptq, texts=[list(topics.values())[30][:400]],
+                      calib_digest="c", spec=QatSpec(steps=12, lr=1e-4, seq_len=64, batch_size=4))
+    assert trained.loss_curve[-1] < 0.5 * trained.loss_curve[0]  # the student moved: its fp32 weights took the steps
+    device = store.local_device()
+    for art in (aq, trained):
+        profile = build.build(model_slug="tiny", checkpoint_dir=art.fakequant_dir, checkpoint_fp=art.fingerprint,
+                              fmt=art.format, quant_algo=art.quant_algo, target=TargetSpec(name="gpu"), device=device)
+        assert profile.manifest["build_options"]["dtype"] == "bfloat16"
