@@ -90,13 +90,14 @@ def cached_activation_ranges(*, model_dir: str, model_fp: str, calib, spec) -> t
                        spec.batch_size, device, store.version_of("torch"), store.version_of("transformers"),
                        store.source_digest(sys.modules[__name__]))
     out = store.stage_dir("representativeness", key)
-    with store.claim(out) as manifest:
-        if manifest is not None:
-            return tuple(LayerRange(**r) for r in manifest["layers"]), True
+
+    def make(out: Path) -> dict:
         rows = activation_ranges(model_dir, calib_texts, holdout, max_tokens=spec.max_tokens,
                                  batch_size=spec.batch_size)
         with store.atomic_dir(out) as tmp:
             (tmp / "activation_ranges.json").write_text(json.dumps([asdict(r) for r in rows], indent=1))
-            store.write_manifest(tmp, {"stage": "representativeness", "key": key, "texts_per_side": n,
-                                       "layers": [asdict(r) for r in rows]})
-    return rows, False
+            return store.write_manifest(tmp, {"stage": "representativeness", "key": key, "texts_per_side": n,
+                                              "layers": [asdict(r) for r in rows]})
+
+    manifest, cached = store.reuse_or_make(out, make)
+    return tuple(LayerRange(**r) for r in manifest["layers"]), cached

@@ -23,7 +23,7 @@ from pathlib import Path
 import pandas as pd
 
 from recipes.schema import CalibrationSpec, resolve_path
-from tasks import request_log, request_reader, store
+from tasks import duplicates, redaction, request_log, request_reader, store
 
 log = logging.getLogger(__name__)
 
@@ -148,7 +148,6 @@ def cache_key(spec: CalibrationSpec, *, model_dir: str, base_dir: Path) -> str:
     sampling = spec.model_dump(mode="json", exclude={"representativeness"})  # thresholds do not change the set
     code = [sys.modules[__name__]]
     if spec.source == "request_log":  # the sampler, reader, redaction and duplicate rules decide the set too
-        from tasks import duplicates, redaction
         code += [request_log, request_reader, redaction, duplicates]
     return store.key_of("calibrate", source_fingerprint(spec, base_dir), sampling,
                         tokenizer_fingerprint(Path(model_dir)), store.source_digest(*code))

@@ -124,17 +124,14 @@ def task_configs(inputs: dict[str, list[dict] | None], data_dir: Path) -> list:
     return configs
 
 
-def cache_key(*, profile_fp: str, spec: EvaluationSpec, inputs: dict, backend_name: str) -> str:
-    """Keyed on the items themselves (not just the held-out file), the task YAMLs, harness, this code and the
-    backend's (how it runs the model for lm-eval)."""
+def cache_key(*, profile_fp: str, spec: EvaluationSpec, inputs: dict) -> str:
+    """Keyed on the items themselves (not just the held-out file), the task YAMLs, harness and this code. The
+    backend's code (how it runs the model for lm-eval) is in the profile's fingerprint already (build key)."""
     import sys
-
-    from tasks.build import backend_code
 
     yamls = {p.name: p.read_text() for p in sorted(TASK_DIR.glob("*.yaml"))}
     return store.key_of("evaluate", profile_fp, spec.model_dump(mode="json"), inputs, store.version_of("lm_eval"),
-                        yamls, store.source_digest(sys.modules[__name__]),
-                        store.source_digest(*backend_code(backend_name)))
+                        yamls, store.source_digest(sys.modules[__name__]))
 
 
 def per_item_rows(task: str, samples: list[dict]) -> list[dict]:
@@ -159,7 +156,7 @@ def evaluate(*, profile_dir: str, profile_fp: str, backend_name: str, spec: Eval
              holdout_file: str) -> AccuracyResult:
     """Run the evaluation tasks on one built profile; cached by profile content, eval spec, data and harness."""
     inputs = task_inputs(spec.tasks, holdout_file, spec.limit)
-    key = cache_key(profile_fp=profile_fp, spec=spec, inputs=inputs, backend_name=backend_name)
+    key = cache_key(profile_fp=profile_fp, spec=spec, inputs=inputs)
     out = store.stage_dir("evaluations", key)
     manifest, cached = store.reuse_or_make(out, lambda out: _run(profile_dir, backend_name, spec, inputs, key, out))
     return AccuracyResult(str(out), manifest["metrics"], str(out / "items.parquet"), manifest["n_items"],

@@ -230,9 +230,8 @@ def enforce(report: Report) -> list[str]:
 def load_inputs(calibration_dir: str | Path) -> dict:
     """What calibrate stored for the report: sample, reference sample, first-N slice, source summary."""
     d = Path(calibration_dir)
-    calib = pd.read_parquet(d / "calibration.parquet", columns=None)
-    if (d / "sample_texts.parquet").is_file():  # packed sequences: compare the texts they were cut from
-        calib = pd.read_parquet(d / "sample_texts.parquet")
+    packed = d / "sample_texts.parquet"  # packed sequences: compare the texts they were cut from
+    calib = pd.read_parquet(packed if packed.is_file() else d / "calibration.parquet", columns=["n_tokens", "stratum"])
     reference = pd.read_parquet(d / "reference.parquet")
     first = pd.read_parquet(d / "first_n.parquet") if (d / "first_n.parquet").is_file() else None
     source = json.loads((d / "source.json").read_text()) if (d / "source.json").is_file() else {}

@@ -1,5 +1,6 @@
-"""Production request logs as a calibration source: a streaming reader, chat rendering, redaction, and a seeded,
-stratified, deduplicating sampler that holds a bounded number of texts however long the log is.
+"""Production request logs as a calibration source: a seeded, stratified, deduplicating sampler that holds a bounded
+number of texts however long the log is. Its reader and chat rendering are tasks/request_reader.py, redaction
+tasks/redaction.py, the duplicate keys and index tasks/duplicates.py; the rules they follow are all written here.
 
 A log is JSON Lines of OpenAI-style requests: ``{"prompt": "..."}`` (completions; a list of strings is several
 prompts) or ``{"messages": [{"role": ..., "content": ...}, ...]}`` (chat; content may be a string or a list of
@@ -10,7 +11,7 @@ server renders them: ``tokenizer.apply_chat_template(messages, tokenize=False, a
 
 The rules, in the order they apply:
 
-* **read**: one line at a time (a line over ``MAX_LINE_BYTES`` is skipped in chunks, never held: ``over_long``);
+* **read**: one line at a time (a line over ``request_reader.MAX_LINE_BYTES`` is skipped in chunks, never held: ``over_long``);
   a line that is not a JSON object is ``malformed``; an object with neither ``prompt`` nor ``messages`` is
   ``unsupported``; a chat request the template refuses is ``template_error``.
 * **redact** (``redact: true``): e-mail addresses, bearer tokens, JWTs, API-key-shaped tokens (``sk-``, ``ghp_``,
