@@ -15,8 +15,8 @@ import hashlib
 import json
 import logging
 import random
-import sys
 import re
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
