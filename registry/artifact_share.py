@@ -69,7 +69,7 @@ class MlflowArtifactShare(store.Remote):
                 target = tmp / name
                 target.parent.mkdir(parents=True, exist_ok=True)
                 if (source := local.get(meta["sha256"])) is not None:
-                    _link_or_copy(source, target)
+                    store.link_or_copy(source, target)
                     continue
                 try:
                     blob = self._repo(self._blob_dir(meta["sha256"])).download_artifacts(meta["sha256"], str(tmp))
@@ -81,7 +81,9 @@ class MlflowArtifactShare(store.Remote):
                 os.replace(blob, target)
                 downloaded += meta["size"]
             (tmp / store.MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True, default=str))
-            store.check(tmp, full=True)  # never let a damaged download into the store
+            # never let a damaged download into the store: every downloaded file is a new inode and is hashed;
+            # a file linked from this host's store keeps its inode and digest, verified when that entry was made
+            store.check(tmp)
             os.replace(tmp, dest)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -95,17 +97,20 @@ class MlflowArtifactShare(store.Remote):
         if not rel.startswith(SHARED_STAGES):
             return
         manifest = store.read_manifest(src)
-        uploaded = 0
+        uploaded, listed = 0, {}  # blob shard -> the blobs it holds (one listing per shard)
         with tempfile.TemporaryDirectory() as scratch:
             for name, meta in manifest.get("files", {}).items():
                 sha = meta["sha256"]
                 repo = self._repo(self._blob_dir(sha))
-                if any(Path(f.path).name == sha for f in repo.list_artifacts()):
+                if sha[:2] not in listed:
+                    listed[sha[:2]] = {Path(f.path).name for f in repo.list_artifacts()}
+                if sha in listed[sha[:2]]:
                     continue  # already there (content-addressed: the same bytes)
                 named = Path(scratch) / sha  # log_artifact names the artifact after the local file
-                _link_or_copy(Path(src) / name, named)
+                store.link_or_copy(Path(src) / name, named)
                 repo.log_artifact(str(named))
                 named.unlink()
+                listed[sha[:2]].add(sha)
                 uploaded += meta["size"]
         self._repo(rel).log_artifact(str(Path(src) / store.MANIFEST))  # last
         log.info("published %s to the artifact store (%.1f MB uploaded; files already there by content skipped)",
@@ -116,7 +121,8 @@ def _local_files_by_digest(wanted: set[str], *, exclude: Path) -> dict[str, Path
     """Files of this host's shared-stage entries whose recorded digest is wanted (verified again after linking)."""
     found: dict[str, Path] = {}
     for stage in SHARED_STAGES:
-        for manifest_file in sorted((store.home() / stage).glob(f"**/{store.MANIFEST}")):
+        root = store.home() / stage  # entries are <stage>/<key>/ or quantized/<fmt>/<key>/
+        for manifest_file in sorted([*root.glob(f"*/{store.MANIFEST}"), *root.glob(f"*/*/{store.MANIFEST}")]):
             entry = manifest_file.parent
             if entry == exclude or entry.name.startswith("."):
                 continue
@@ -124,29 +130,3 @@ def _local_files_by_digest(wanted: set[str], *, exclude: Path) -> dict[str, Path
                 if meta["sha256"] in wanted and meta["sha256"] not in found and (entry / name).is_file():
                     found[meta["sha256"]] = entry / name
     return found
-
-
-def _link_or_copy(src: Path, dst: Path) -> None:
-    try:
-        os.link(src, dst)
-    except OSError:  # another filesystem
-        shutil.copy2(src, dst)
-
-
-def sharing_enabled() -> bool:
-    """On when runs track to a server (hosts share no disk), unless ENGINEWRIGHT_SHARE_ARTIFACTS=0; forced on with 1."""
-    from registry.mlflow_registry import tracking_uri
-
-    setting = os.environ.get("ENGINEWRIGHT_SHARE_ARTIFACTS", "auto").lower()
-    if setting in ("0", "false", "no", "off"):
-        return False
-    return setting in ("1", "true", "yes", "on") or tracking_uri().startswith(("http://", "https://"))
-
-
-def enable() -> bool:
-    """Make the artifact store the local store's remote for this process, when sharing is on."""
-    if not sharing_enabled():
-        store.set_remote(None)
-        return False
-    store.set_remote(MlflowArtifactShare.from_tracking())
-    return True

@@ -284,6 +284,14 @@ def reuse_or_make(out: Path, make: Callable[[Path], dict]) -> tuple[dict, bool]:
         return make(out), False
 
 
+def link_or_copy(src: Path, dst: Path) -> None:
+    """Hard-link a file when on the same filesystem (artifacts are immutable), else copy it."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
 def link_or_copy_tree(src: Path, dst: Path, known: dict[str, dict] | None = None) -> dict[str, dict]:
     """Hard-link files when on the same filesystem (artifacts are immutable), else copy.
 
@@ -297,10 +305,7 @@ def link_or_copy_tree(src: Path, dst: Path, known: dict[str, dict] | None = None
         rel = file.relative_to(src).as_posix()
         target = Path(dst) / rel
         target.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            os.link(file, target)
-        except OSError:
-            shutil.copy2(file, target)
+        link_or_copy(file, target)
         if known and rel in known:
             records[f"{Path(dst).name}/{rel}"] = known[rel]
     return records
