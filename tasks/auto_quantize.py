@@ -8,6 +8,7 @@ import json
 import logging
 import sys
 import time
+from collections import Counter
 
 import pandas as pd
 
@@ -102,8 +103,9 @@ def _auto_quantize(model_dir, calibration_file, spec, kv_cache, blocks, max_toke
                             f"kl_div ({exc})") from None
     model.eval()
     best = state.get("best", {})
-    achieved = _effective_bits(best, spec.effective_bits)
+    achieved = _effective_bits(best)
     layers = {k.removesuffix(".quant_recipe"): str(v) for k, v in best.get("recipe", {}).items()}
+    layer_counts = dict(Counter(layers.values()))
     with store.atomic_dir(out) as tmp:
         quant_config = recover.export_checkpoints(model, tokenizer, tmp, dtype=recover.stored_dtype(device))
         (tmp / "layer_formats.json").write_text(json.dumps(layers, indent=1, sort_keys=True))
@@ -114,16 +116,16 @@ def _auto_quantize(model_dir, calibration_file, spec, kv_cache, blocks, max_toke
             "recovered_from": recovered_from, "cost_format": cost_format, "weight_bits": achieved,
             "config": {"candidates": spec.formats, "effective_bits_budget": spec.effective_bits,
                        "effective_bits": achieved, "method": spec.method, "score_batches": score_steps,
-                       "calibration_batches": len(batches), "layer_formats": _count(layers)},
+                       "calibration_batches": len(batches), "layer_formats": layer_counts},
             "quant_algo": (quant_config or {}).get("quantization", {}).get("quant_algo"),
             "hf_quant_config": quant_config, "seconds": seconds, "estimated_seconds": round(estimate, 1),
             "device": device, "toolchain": store.toolchain()})
     log.info("auto_quantize: %.2f effective bits (budget %.2f), %s, in %.0f s", achieved or -1, spec.effective_bits,
-             _count(layers), seconds)
+             layer_counts, seconds)
     return manifest
 
 
-def _effective_bits(best: dict, budget: float) -> float | None:
+def _effective_bits(best: dict) -> float | None:
     """AutoQuantize's achieved effective bits, from its search state (`best.constraints.effective_bits`)."""
     value = (best.get("constraints") or {}).get("effective_bits")
     try:
@@ -131,9 +133,3 @@ def _effective_bits(best: dict, budget: float) -> float | None:
     except (TypeError, ValueError):
         return None
 
-
-def _count(layers: dict) -> dict:
-    counts: dict = {}
-    for recipe in layers.values():
-        counts[recipe] = counts.get(recipe, 0) + 1
-    return counts

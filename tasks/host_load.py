@@ -120,10 +120,10 @@ def _gpu_probe():
             util = [pynvml.nvmlDeviceGetUtilizationRates(h).gpu for h in handles]
             mem = [pynvml.nvmlDeviceGetMemoryInfo(h).used / 2**30 for h in handles]
             foreign = 0
-            for h in handles:
+            for h, busy in zip(handles, util):
                 procs = pynvml.nvmlDeviceGetComputeRunningProcesses(h)
                 if any(_is_foreign(p.pid, me) for p in procs):
-                    foreign = max(foreign, pynvml.nvmlDeviceGetUtilizationRates(h).gpu)
+                    foreign = max(foreign, busy)
             return {"gpu_util": max(util), "gpu_mem_used_gib": max(mem), "gpu_foreign_util": foreign}
 
         return nvml

@@ -6,7 +6,7 @@ not comparable. The model, most important first:
      saves memory at best, never time (TensorRT-LLM's runtimes in tasks/targets.py's VALIDITY_RULES; a CPU target
      has none);
   2. weight bits: LLM decode is bound by reading weights, so fewer bits per weight serve faster at the batch sizes
-     that matter (nominal bits; scale overhead is in `effective_weight_bits`, used by AutoQuantize's budget);
+     that matter (nominal bits; an AutoQuantize checkpoint counts its reached effective bits);
   3. activation bits: prefill and large batches are compute-bound, and low-precision activations use faster
      tensor-core paths.
 """
@@ -22,16 +22,15 @@ from tasks.targets import VALIDITY_RULES, sm_number
 class FormatCost:
     weight_bits: int  # nominal bits per weight
     activation_bits: int  # bits of the matmul inputs
-    effective_weight_bits: float  # including per-group scales (AWQ: 16-bit scale per 128 weights)
 
 
 SERVING_COST: dict[str, FormatCost] = {
-    "nvfp4": FormatCost(4, 4, 4.5),  # FP8 scale per 16 weights
-    "w4a8_awq": FormatCost(4, 8, 4.125),
-    "int4_awq": FormatCost(4, 16, 4.125),
-    "fp8": FormatCost(8, 8, 8.0),
-    "int8_sq": FormatCost(8, 8, 8.0),
-    "none": FormatCost(16, 16, 16.0),
+    "nvfp4": FormatCost(4, 4),
+    "w4a8_awq": FormatCost(4, 8),
+    "int4_awq": FormatCost(4, 16),
+    "fp8": FormatCost(8, 8),
+    "int8_sq": FormatCost(8, 8),
+    "none": FormatCost(16, 16),
 }
 
 
