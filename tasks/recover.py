@@ -89,7 +89,6 @@ def load_model(model_dir: str, device: str, *, dtype=None):
     """A base checkpoint, or a PTQ fake-quant checkpoint with its quantizers restored (tasks/quant_state.py).
     bf16 on CUDA unless `dtype` says otherwise, float32 on CPU."""
     import modelopt.torch.opt as mto
-    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from tasks import quant_state
@@ -197,36 +196,37 @@ def recovery_rungs(recipe, base_dir, failed_format: str, ptq, target, arch: str,
                                              engine=target.engine))}
             if bad:
                 return "auto_quantize candidates not valid here: " + "; ".join(f"{f}: {w}" for f, w in bad.items())
-            try:
-                with MODEL_LOCK:
-                    return timed("recover", f"{AUTO_QUANTIZE}@{target.name}", auto_quantize_stage.auto_quantize,
-                                 model_dir=model.path, model_fp=model.fingerprint,
-                                 calibration_file=calib.calibration_file, calib_digest=calib.digest, spec=aq,
-                                 recovered_from=failed_format, kv_cache=recipe.quantization.kv_cache,
-                                 awq_block_size=recipe.quantization.awq_block_size, max_tokens=cal.max_tokens,
-                                 batch_size=cal.batch_size, tp_sizes=quantize.recipe_tp_sizes(recipe))
-            except RecoveryError as exc:
-                return str(exc)
-            except Exception as exc:  # one failing rung never takes the others down
-                log.exception("auto_quantize for %s on %s failed", failed_format, target.name)
-                return f"auto_quantize failed: {type(exc).__name__}: {exc}"
+            with MODEL_LOCK:
+                return timed("recover", f"{AUTO_QUANTIZE}@{target.name}", auto_quantize_stage.auto_quantize,
+                             model_dir=model.path, model_fp=model.fingerprint,
+                             calibration_file=calib.calibration_file, calib_digest=calib.digest, spec=aq,
+                             recovered_from=failed_format, kv_cache=recipe.quantization.kv_cache,
+                             awq_block_size=recipe.quantization.awq_block_size, max_tokens=cal.max_tokens,
+                             batch_size=cal.batch_size, tp_sizes=quantize.recipe_tp_sizes(recipe))
 
-        yield AUTO_QUANTIZE, make_auto_quantize
+        yield AUTO_QUANTIZE, _guarded(AUTO_QUANTIZE, f"of {failed_format} on {target.name}", make_auto_quantize)
     if spec.qat is not None:
 
         def make_qat():
-            try:
-                texts = qat_stage.training_texts(cal, base_dir, count=spec.qat.samples, seed=spec.qat.seed,
-                                                 calibration_file=calib.calibration_file,
-                                                 holdout_file=calib.holdout_file)
-                with MODEL_LOCK:
-                    return timed("recover", f"{qat_name(failed_format)}@{target.name}", qat_stage.qat,
-                                 model_dir=model.path, model_fp=model.fingerprint, ptq=ptq, texts=texts,
-                                 calib_digest=calib.digest, spec=spec.qat)
-            except RecoveryError as exc:
-                return str(exc)
-            except Exception as exc:  # one failing rung never takes the others down
-                log.exception("qat of %s on %s failed", failed_format, target.name)
-                return f"qat failed: {type(exc).__name__}: {exc}"
+            texts = qat_stage.training_texts(cal, base_dir, count=spec.qat.samples, seed=spec.qat.seed,
+                                             calibration_file=calib.calibration_file, holdout_file=calib.holdout_file)
+            with MODEL_LOCK:
+                return timed("recover", f"{qat_name(failed_format)}@{target.name}", qat_stage.qat,
+                             model_dir=model.path, model_fp=model.fingerprint, ptq=ptq, texts=texts,
+                             calib_digest=calib.digest, spec=spec.qat)
 
-        yield qat_name(failed_format), make_qat
+        yield qat_name(failed_format), _guarded("qat", f"of {failed_format} on {target.name}", make_qat)
+
+
+def _guarded(method: str, what: str, make):
+    """`make` as a rung: a RecoveryError's message, or any other failure (logged with its traceback) named, becomes
+    the reason the rung was skipped; one failing rung never takes the others down."""
+    def run():
+        try:
+            return make()
+        except RecoveryError as exc:
+            return str(exc)
+        except Exception as exc:
+            log.exception("%s %s failed", method, what)
+            return f"{method} failed: {type(exc).__name__}: {exc}"
+    return run
