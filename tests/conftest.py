@@ -99,3 +99,14 @@ def tiny_gpt2(tmp_path_factory):
         return made[hidden]
 
     return make
+
+
+@pytest.fixture()
+def calib_file(tmp_path) -> str:
+    """A calibration parquet of 16 pydoc paragraphs (400 characters each), as the quantize stage reads it."""
+    import pandas as pd
+    from pydoc_data.topics import topics
+
+    path = tmp_path / "calibration.parquet"
+    pd.DataFrame({"text": [t[:400] for t in list(topics.values())[:16]]}).to_parquet(path)
+    return str(path)

@@ -2,21 +2,11 @@
 
 from pathlib import Path
 
-import pandas as pd
 import pytest
 
 torch = pytest.importorskip("torch")
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU")]
-
-
-@pytest.fixture()
-def calib_file(tmp_path):
-    from pydoc_data.topics import topics
-
-    path = tmp_path / "calibration.parquet"
-    pd.DataFrame({"text": [t[:400] for t in list(topics.values())[:16]]}).to_parquet(path)
-    return str(path)
 
 
 @pytest.mark.parametrize("fmt", ["fp8", "nvfp4", "int4_awq"])

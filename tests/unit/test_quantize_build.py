@@ -3,21 +3,10 @@
 import json
 from pathlib import Path
 
-import pandas as pd
 import pytest
 
 from recipes.schema import TargetSpec
 from tasks import build, quantize, store
-
-
-@pytest.fixture()
-def calib_file(tmp_path):
-    from pydoc_data.topics import topics
-
-    texts = [t[:400] for t in list(topics.values())[:16]]
-    path = tmp_path / "calibration.parquet"
-    pd.DataFrame({"text": texts}).to_parquet(path)
-    return str(path)
 
 
 def test_awq_group_size_is_chosen_to_divide_every_layer():

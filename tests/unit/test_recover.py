@@ -10,15 +10,6 @@ from recipes.schema import AutoQuantizeSpec, CalibrationSpec, QatSpec
 from tasks import auto_quantize, qat, quantize, recover
 
 
-@pytest.fixture()
-def calib_file(tmp_path):
-    from pydoc_data.topics import topics
-
-    path = tmp_path / "calibration.parquet"
-    pd.DataFrame({"text": [t[:400] for t in list(topics.values())[:16]]}).to_parquet(path)
-    return str(path)
-
-
 def test_auto_quantize_mixes_formats_under_the_budget_exports_and_is_cached(tiny_model_dir, calib_file):
     # lm_head stays unquantized and counts at 16 bits: on this model int4 everywhere else is 7.69 bits, fp8 10.46
     spec = AutoQuantizeSpec(formats=["int4_awq", "fp8"], effective_bits=9.0, score_batches=2)
