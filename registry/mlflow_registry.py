@@ -253,6 +253,15 @@ def log_representativeness(run_id: str, *, report: dict, markdown: str, strata: 
 
 
 # The model registry (versions, aliases, promotion, resolve, download) lives in registry/model_registry.py; its names
-# are re-exported here so callers keep one `registry` module. Imported last: it uses client() defined above.
-from registry.model_registry import (FORMAT_COST, UnknownModel, alias_for, arch_slug, download,  # noqa: E402,F401
-                                     find_versions, promote, register_version, registered_name, resolve)
+# are re-exported here, on first use, so callers keep one `registry` module. Lazily (PEP 562): model_registry imports
+# client() from here, and an import at the bottom made `import registry.model_registry` fail when it came first.
+_MODEL_REGISTRY_NAMES = {"UnknownModel", "alias_for", "arch_slug", "download", "find_versions", "promote",
+                         "register_version", "registered_name", "resolve"}
+
+
+def __getattr__(name: str):
+    if name in _MODEL_REGISTRY_NAMES:
+        from registry import model_registry
+
+        return getattr(model_registry, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -15,10 +15,6 @@ from mlflow.exceptions import MlflowException
 from registry.mlflow_registry import client, tracking_uri
 from tasks import store
 
-# Cheaper to serve first: the ladder's notion of "better" when two versions both pass.
-FORMAT_COST = {"nvfp4": 0, "int4_awq": 1, "w4a8_awq": 2, "fp8": 3, "int8_sq": 3, "none": 9}
-
-
 def registered_name(registry_name: str, backend: str) -> str:
     return f"{registry_name}-{backend}"
 
@@ -102,18 +98,17 @@ def download(name: str, version: str, dest: Path, *, full: bool = True, sizes_on
     return profile
 
 
-def _rank(tags: dict) -> tuple:
-    return (FORMAT_COST.get(tags.get("quant_format", ""), 8), float(tags.get("accuracy_degradation", "inf")))
-
-
-def promote(*, name: str, version: str, alias: str, challenger_alias: str, rank=None, compare=None) -> dict:
+def promote(*, name: str, version: str, alias: str, challenger_alias: str, compare=None) -> dict:
     """Move `alias` to `version` when it beats the current champion; otherwise point `challenger_alias` at it.
 
-    `compare(candidate_tags, champion_tags) -> (wins, why)` decides; without it `rank(tags) -> tuple` orders
-    versions, smaller is better (default: cheaper format, then smaller degradation). Returns what happened.
+    `compare(candidate_tags, champion_tags) -> (wins, why)` decides (tasks/promote.py passes the recipe's ladder);
+    by default the cheaper format to serve wins (tasks/serving_cost.py), then the smaller accuracy loss. Returns
+    what happened.
     """
-    rank = rank or _rank
-    compare = compare or (lambda cand, champ: (rank(cand) < rank(champ), "ranked by format cost, then accuracy loss"))
+    from tasks import ladder
+
+    compare = compare or (lambda cand, champ: ladder.compare_versions(cand, champ, strategy="first_passing",
+                                                                      metric="output_tokens_per_s"))
     c = client()
     candidate = c.get_model_version(name, version)
     try:
