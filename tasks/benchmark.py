@@ -149,10 +149,10 @@ def speed_label(backend_name: str) -> str:
     return getattr(backend(backend_name), "SPEED_LABEL", "")
 
 
-def conditions(manifest: dict, backend_name: str, load: str, spec: LatencySpec) -> str:
+def conditions(manifest: dict, backend_name: str, load: str, spec: LatencySpec, device: dict) -> str:
     """What must match for two speed numbers to be compared: runtime, machine kind, load profile, request shape."""
     target = manifest["target"]
-    machine = target.get("gpu_name") or store.local_device().get("cpu") or "cpu"
+    machine = target.get("gpu_name") or device.get("cpu") or "cpu"
     return (f"{backend_name}/{target['arch']}/{machine}/tp{target.get('tp', 1)}/{load}"
             f"/in{spec.input_tokens}-out{spec.output_tokens}")
 
@@ -173,17 +173,17 @@ def measure_latency(*, profile_dir: str, profile_fp: str, backend_name: str, spe
     key = cache_key(profile_fp=profile_fp, spec=spec, holdout_digest=holdout_digest, device=device)
     out = store.stage_dir("latency", key)
     manifest, cached = store.reuse_or_make(out, lambda out: _run(profile_dir, backend_name, spec, holdout_file, key,
-                                                                 out))
+                                                                 out, device))
     return LatencyResult(str(out), manifest["summary"], manifest["seconds"], cached)
 
 
-def _run(profile_dir, backend_name, spec, holdout_file, key, out) -> dict:
+def _run(profile_dir, backend_name, spec, holdout_file, key, out, device) -> dict:
     from transformers import AutoTokenizer
 
     from tasks.backends.server import free_port
     from tasks.build import backend, verify_artifact
 
-    manifest = verify_artifact(profile_dir)
+    manifest = verify_artifact(profile_dir, device=device)
     tokenizer = AutoTokenizer.from_pretrained(Path(profile_dir) / "checkpoint")
     texts = pd.read_parquet(holdout_file)["text"].tolist()
     started = time.perf_counter()
@@ -208,7 +208,7 @@ def _run(profile_dir, backend_name, spec, holdout_file, key, out) -> dict:
                     "errors": sorted({r["error"] for r in records if r["error"]})[:5], "host_load": host,
                     "host_foreign_cpu_cores": host.get("foreign_cpu_cores_mean"),
                     "host_load_1m": host.get("load_1m_mean"), "host_reliable": host["reliable"],
-                    "conditions": conditions(manifest, backend_name, name, spec)}
+                    "conditions": conditions(manifest, backend_name, name, spec, device)}
                 if not host["reliable"]:
                     log.warning("latency %s under %s: %s", Path(profile_dir).name, name, host["note"])
                 rows += [{"profile": name, "start": r["start"], "token_times": r["token_times"],
