@@ -292,13 +292,20 @@ def _certify_target(recipe, target, arch, pairs, model, calib, quantized, quant_
                             latency_note=speed_note))
 
     rungs, profiles, recovering = [], {}, False
+
+    def not_needed(name: str) -> bool:
+        """True (and the rung recorded as not evaluated) when the ladder already has its answer."""
+        if ladder.keep_going(recipe.ladder.strategy, [r["status"] for r in rungs]):
+            return False
+        why = f"first_passing: {rungs[-1]['format']} already passed"
+        record.rows.append(_row(name, target, arch, "not evaluated", why))
+        return True
+
     for pair in pairs:
         if pair.skip_reason or pair.format in quant_errors:
             record.rows.append(_row(pair.format, target, arch, "skipped", pair.skip_reason or quant_errors[pair.format]))
             continue
-        if not ladder.keep_going(recipe.ladder.strategy, [r["status"] for r in rungs]):
-            record.rows.append(_row(pair.format, target, arch, "not evaluated",
-                                    f"first_passing: {rungs[-1]['format']} already passed"))
+        if not_needed(pair.format):
             continue
         rung, profiles[pair.format] = _evaluate_rung(recipe, target, arch, model, calib, pair.format,
                                                      quantized[pair.format], (base_acc, base_lat), device, speed_note,
@@ -308,9 +315,7 @@ def _certify_target(recipe, target, arch, pairs, model, calib, quantized, quant_
             recovering = True  # once per target, after its most aggressive accuracy failure
             for name, make in recover.recovery_rungs(recipe, base_dir, pair.format, quantized[pair.format], target,
                                                      arch, model, calib, timed=partial(_timed, record)):
-                if not ladder.keep_going(recipe.ladder.strategy, [r["status"] for r in rungs]):
-                    record.rows.append(_row(name, target, arch, "not evaluated",
-                                            f"first_passing: {rungs[-1]['format']} already passed"))
+                if not_needed(name):
                     continue
                 art = make()
                 if isinstance(art, str):

@@ -118,7 +118,8 @@ class MlflowArtifactShare(store.Remote):
 
 
 def _local_files_by_digest(wanted: set[str], *, exclude: Path) -> dict[str, Path]:
-    """Files of this host's shared-stage entries whose recorded digest is wanted (verified again after linking)."""
+    """Files of this host's shared-stage entries whose recorded digest is wanted (verified when those entries were
+    made; a fetch trusts their identity as reuse does, and hashes a copy)."""
     found: dict[str, Path] = {}
     for stage in SHARED_STAGES:
         root = store.home() / stage  # entries are <stage>/<key>/ or quantized/<fmt>/<key>/
@@ -130,3 +131,22 @@ def _local_files_by_digest(wanted: set[str], *, exclude: Path) -> dict[str, Path
                 if meta["sha256"] in wanted and meta["sha256"] not in found and (entry / name).is_file():
                     found[meta["sha256"]] = entry / name
     return found
+
+
+def sharing_enabled() -> bool:
+    """On when runs track to a server (hosts share no disk), unless ENGINEWRIGHT_SHARE_ARTIFACTS=0; forced on with 1."""
+    from registry.mlflow_registry import tracking_uri
+
+    setting = os.environ.get("ENGINEWRIGHT_SHARE_ARTIFACTS", "auto").lower()
+    if setting in ("0", "false", "no", "off"):
+        return False
+    return setting in ("1", "true", "yes", "on") or tracking_uri().startswith(("http://", "https://"))
+
+
+def enable() -> bool:
+    """Make the artifact store the local store's remote for this process, when sharing is on."""
+    if not sharing_enabled():
+        store.set_remote(None)
+        return False
+    store.set_remote(MlflowArtifactShare.from_tracking())
+    return True

@@ -132,10 +132,13 @@ def set_tags(run_id: str, tags: dict) -> None:
 def log_metrics(run_id: str, metrics: dict, step: int = 0) -> None:
     """Numbers as MLflow metrics, stamped with the time they were logged (not 0: the UI plots them over time)."""
     now = int(time.time() * 1000)
-    clean = [mlflow.entities.Metric(k, float(v), now, step) for k, v in metrics.items()
-             if isinstance(v, (int, float)) and v == v]  # bools become 1.0/0.0; NaN is dropped
-    for i in range(0, len(clean), 1000):  # MLflow's batch limit
-        client().log_batch(run_id, metrics=clean[i:i + 1000])
+    _log_batch(run_id, [mlflow.entities.Metric(k, float(v), now, step) for k, v in metrics.items()
+                        if isinstance(v, (int, float)) and v == v])  # bools become 1.0/0.0; NaN is dropped
+
+
+def _log_batch(run_id: str, metrics: list) -> None:
+    for i in range(0, len(metrics), 1000):  # MLflow's batch limit
+        client().log_batch(run_id, metrics=metrics[i:i + 1000])
 
 
 def run_url(run_id: str) -> str:
@@ -197,9 +200,7 @@ def _dataset_source(calibration_file: str, origin: dict):
 def log_metric_series(run_id: str, key: str, values: list[float]) -> None:
     """One metric with a value per step (e.g. a training loss curve)."""
     now = int(time.time() * 1000)
-    metrics = [mlflow.entities.Metric(key, float(v), now, step) for step, v in enumerate(values)]
-    for i in range(0, len(metrics), 1000):  # MLflow's batch limit
-        client().log_batch(run_id, metrics=metrics[i:i + 1000])
+    _log_batch(run_id, [mlflow.entities.Metric(key, float(v), now, step) for step, v in enumerate(values)])
 
 
 def end_run(run_id: str, status: str = "FINISHED") -> None:
