@@ -166,11 +166,14 @@ def resolve(*, name: str, arch: str, prefix: str = "champion", tp: int = 1, gpu_
                         if gpu_matches(gpu_name, v.tags.get("gpu_name")) and str(v.tags.get("tp_size", 1)) == str(tp)]
             if same_gpu:
                 version, matched = max(same_gpu, key=lambda v: int(v.version)), "gpu_name"
-    local = version.tags.get("profile_path")
+    local = version.tags.get("profile_path")  # this host's build, only if it is the very artifact registered
+    if not (local and (store.read_manifest(Path(local)) or {}).get("content_hash")
+            == version.tags.get("artifact_fingerprint")):
+        local = None
     return {"name": name, "version": str(version.version), "alias": alias, "matched": matched,
             "model_uri": f"models:/{name}@{alias}" if version is champion else f"models:/{name}/{version.version}",
             "version_uri": f"models:/{name}/{version.version}",
-            "source": version.source, "local_profile": local if local and Path(local).is_dir() else None,
+            "source": version.source, "local_profile": local,
             "tags": dict(version.tags), "run_id": version.run_id}
 
 
