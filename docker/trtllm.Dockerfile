@@ -1,13 +1,13 @@
 # A GPU worker: NVIDIA's TensorRT-LLM container plus enginewright. One image for every GPU type; the work pool
 # (gpu-h100, gpu-b200, ...) is chosen when the worker starts. Build context: the repository root.
 # Pin TRTLLM_IMAGE to a tag NGC lists (https://catalog.ngc.nvidia.com/orgs/nvidia/teams/tensorrt-llm/containers/release);
-# the default was not pulled here. What each engine kind needs (tasks/targets.py ENGINE_RELEASES, with sources):
+# the default was not pulled here. What each engine kind needs (tasks/decisions/targets.py ENGINE_RELEASES, with sources):
 #   engine: profile (PyTorch runtime)  TensorRT-LLM >= 1.2.0   -> the default below
 #   engine: legacy  (TensorRT engine)  TensorRT-LLM <= 1.3.0rc20 (the last release with the TensorRT backend; 1.3.0rc21
 #                                      has no tensorrt_llm._tensorrt_engine) -> build a second image with
 #                                      --build-arg TRTLLM_IMAGE=nvcr.io/nvidia/tensorrt-llm/release:1.2.1, run its
 #                                      workers in their own pool, and set the targets' trtllm_version: 1.2.1
-# The default must equal tasks/targets.py DEFAULT_TRTLLM_VERSION (a unit test checks it, and the compose files).
+# The default must equal tasks/decisions/targets.py DEFAULT_TRTLLM_VERSION (a unit test checks it, and the compose files).
 ARG TRTLLM_IMAGE=nvcr.io/nvidia/tensorrt-llm/release:1.3.0rc21
 FROM ${TRTLLM_IMAGE}
 

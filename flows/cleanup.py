@@ -1,7 +1,7 @@
 """What a crash leaves behind, marked as such: MLflow runs and Prefect flow runs still RUNNING whose process is gone.
 
 `enginewright run` calls cleanup() before it starts; `enginewright cleanup` runs it alone. Only this host's runs are
-judged (tasks/liveness.py). A Prefect flow run started by `enginewright run` carries its process as tags
+judged (tasks/host/liveness.py). A Prefect flow run started by `enginewright run` carries its process as tags
 (process_tags()); runs started by workers are left to Prefect (the worker reports a crashed flow-run process).
 A killed `enginewright run` also leaves Prefect's temporary API server running; cleanup() stops it.
 """
@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import sys
 
-from tasks import liveness
+from tasks.host import liveness
 
 TAG_PREFIXES = ("host:", "pid:", "pid-started:")
 
@@ -34,9 +34,16 @@ def _process_of(tags: list[str]) -> dict[str, str]:
 def fail_abandoned_flow_runs() -> list[dict]:
     """Mark Crashed the RUNNING/PENDING flow runs (and their running task runs) of this host whose process is gone."""
     from prefect import get_client
-    from prefect.client.schemas.filters import (FlowRunFilter, FlowRunFilterId, FlowRunFilterState,
-                                                FlowRunFilterStateType, FlowRunFilterTags, TaskRunFilter,
-                                                TaskRunFilterState, TaskRunFilterStateType)
+    from prefect.client.schemas.filters import (
+        FlowRunFilter,
+        FlowRunFilterId,
+        FlowRunFilterState,
+        FlowRunFilterStateType,
+        FlowRunFilterTags,
+        TaskRunFilter,
+        TaskRunFilterState,
+        TaskRunFilterStateType,
+    )
     from prefect.client.schemas.objects import StateType
     from prefect.client.schemas.sorting import FlowRunSort, TaskRunSort
     from prefect.states import Crashed
@@ -87,7 +94,7 @@ def stop_orphaned_temporary_servers() -> list[int]:
 def cleanup() -> dict[str, list]:
     """Mark this host's abandoned runs and stop orphaned temporary Prefect servers:
     {"mlflow_runs": [...], "flow_runs": [...], "servers": [pid, ...]}, each run with its reason."""
-    from registry import mlflow_registry as registry
+    from registry import tracking as registry
 
     return {"mlflow_runs": registry.fail_abandoned_runs(), "flow_runs": fail_abandoned_flow_runs(),
             "servers": stop_orphaned_temporary_servers()}

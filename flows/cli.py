@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import sys
 import time
 from pathlib import Path
@@ -16,9 +15,12 @@ from rich.table import Table
 
 from recipes.load import load_recipe
 from recipes.schema import Recipe, RecipeError
+from tasks.base.errors import BadInput, EnginewrightError, NotCertified, Refused
+from tasks.base.settings import settings
 
-# Exit codes: CI gates on them (README "The command line").
-EXIT_OK, EXIT_ERROR, EXIT_BAD_INPUT, EXIT_REFUSED, EXIT_NOT_CERTIFIED = 0, 1, 2, 3, 4
+# Exit codes: CI gates on them (README "The command line"); each error class carries its own (tasks/base/errors.py).
+EXIT_OK, EXIT_ERROR = 0, EnginewrightError.exit_code
+EXIT_BAD_INPUT, EXIT_REFUSED, EXIT_NOT_CERTIFIED = BadInput.exit_code, Refused.exit_code, NotCertified.exit_code
 EXIT_CODES_HELP = ("Exit codes: 0 ok (run: every target certified); 1 error (a stage or target crashed); "
                    "2 bad input (recipe, override or argument); 3 refused (resolve --verify: the profile does not "
                    "match this machine); 4 nothing certified (run: no candidate passed every gate on some target; "
@@ -75,7 +77,8 @@ def _load(recipe: Path, overrides: list[str] | None) -> Recipe:
     return _load_with_dir(recipe, overrides)[0]
 
 
-@app.command(epilog="Example: enginewright validate recipes/demo.yaml --set quantization.formats=\\[fp8]"  # \\[: not markup
+# \\[: not markup
+@app.command(epilog="Example: enginewright validate recipes/demo.yaml --set quantization.formats=\\[fp8]"
                     "\n\nExit 0: valid; 2: not (every problem listed). Environment: none.")
 def validate(recipe: Path = typer.Argument(..., help="recipe YAML"),
              set_: Optional[List[str]] = typer.Option(None, "--set", help=OVERRIDE_HELP),
@@ -108,12 +111,14 @@ def plan(recipe: Path = typer.Argument(..., help="recipe YAML"),
 
     loaded, base_dir = _load_with_dir(recipe, set_)
     env.configure(offline=not env.recipe_needs_hub(loaded))
-    from tasks import store
-    from tasks.cache_status import plan_stages
-    from tasks.targets import make_plan
+    from flows.cache_status import plan_stages
+    from tasks.backends import target_runtime
+    from tasks.decisions.targets import make_plan
+    from tasks.host import machine
 
-    device = store.local_device()
-    result = make_plan(loaded, device, dispatch=bool(os.environ.get("PREFECT_API_URL")))
+    device = machine.local_device()
+    result = make_plan(loaded, device, dispatch=bool(settings().prefect_api_url),
+                         runtime_of=target_runtime)
     pairs = [{"format": p.format, "target": p.target, "arch": p.arch,
               "action": "skip" if p.skip_reason else "run", "reason": p.skip_reason} for p in result.pairs]
     stages = plan_stages(loaded, base_dir, result, device)
@@ -136,9 +141,11 @@ def plan(recipe: Path = typer.Argument(..., help="recipe YAML"),
 
 
 @app.command(epilog="Examples:\n\n  enginewright run recipes/demo.yaml\n\n"
-                    "  enginewright run recipes/demo.yaml --set gates.accuracy.tasks.holdout_perplexity.max_relative_increase=0.05"
+                    "  enginewright run recipes/demo.yaml --set "
+                    "gates.accuracy.tasks.holdout_perplexity.max_relative_increase=0.05"
                     "\n\n  enginewright run recipes/demo.yaml --json | jq .outcome"
-                    "\n\n" + EXIT_CODES_HELP + "\n\n" + _env_help(ENV_STORE, ENV_MLFLOW, ENV_PREFECT, ENV_HUB, ENV_SHARE))
+                    "\n\n" + EXIT_CODES_HELP + "\n\n"
+                    + _env_help(ENV_STORE, ENV_MLFLOW, ENV_PREFECT, ENV_HUB, ENV_SHARE))
 def run(recipe: Path = typer.Argument(..., help="recipe YAML"),
         set_: Optional[List[str]] = typer.Option(None, "--set", help=OVERRIDE_HELP),
         json_out: Optional[Path] = typer.Option(None, "--json-out", help="also write the run record as JSON"),
@@ -199,7 +206,7 @@ def _fmt(value, spec: str = ".1f") -> str:
 
 def print_summary(result: dict, out: Console | None = None) -> None:
     out = out or console
-    from registry.mlflow_registry import ui_command
+    from registry.client import ui_command
     from tasks import store
 
     stages = Table(title="stages")
@@ -264,8 +271,8 @@ def print_summary(result: dict, out: Console | None = None) -> None:
     if result.get("report"):
         out.print(f"decision report: {result['report']}  (also in the MLflow run under report/)")
     out.print(f"MLflow UI:  {ui_command()}")
-    if os.environ.get("PREFECT_API_URL"):
-        out.print(f"Prefect UI: {os.environ['PREFECT_API_URL'].removesuffix('/api')}")
+    if settings().prefect_api_url:
+        out.print(f"Prefect UI: {settings().prefect_api_url.removesuffix('/api')}")
     else:
         out.print(f"Prefect UI: PREFECT_HOME={store.home() / 'prefect'} .venv/bin/prefect server start   "
                       f"# then open http://127.0.0.1:4200")
@@ -296,10 +303,11 @@ def resolve(model: str = typer.Argument(..., help="registered model name, e.g. s
     from flows import env
 
     env.configure(offline=True)
-    from registry import mlflow_registry as registry
+    from registry import model_registry
+    from registry.model_registry import UnknownModel
     from tasks import store
-    from registry.mlflow_registry import UnknownModel
-    from tasks.build import ArtifactMismatch, verify_artifact
+    from tasks.base.errors import exit_code_of
+    from tasks.profiles.profile import verify_artifact
 
     try:
         arch = _arch_of(gpu)
@@ -307,13 +315,10 @@ def resolve(model: str = typer.Argument(..., help="registered model name, e.g. s
         typer.echo(f"--gpu: {exc}", err=True)
         raise typer.Exit(EXIT_BAD_INPUT) from None
     try:
-        answer = registry.resolve(name=model, arch=arch, prefix=prefix, tp=tp, gpu_name=_gpu_name_of(gpu))
-    except UnknownModel as exc:
+        answer = model_registry.resolve(name=model, arch=arch, prefix=prefix, tp=tp, gpu_name=_gpu_name_of(gpu))
+    except (UnknownModel, NotCertified) as exc:  # exit 2 and 4 (tasks/base/errors.py)
         typer.echo(str(exc), err=True)
-        raise typer.Exit(EXIT_BAD_INPUT) from None
-    except LookupError as exc:
-        typer.echo(str(exc), err=True)
-        raise typer.Exit(EXIT_NOT_CERTIFIED) from None
+        raise typer.Exit(exit_code_of(exc)) from None
     if download or verify:
         checks = {"full": not fast, "sizes_only": fast}
         try:
@@ -323,21 +328,23 @@ def resolve(model: str = typer.Argument(..., help="registered model name, e.g. s
                 store.check(profile, **checks)
             else:
                 dest = download or store.home() / "downloads" / model / f"v{answer['version']}"
-                profile = registry.download(model, answer["version"], dest, **checks)
+                profile = model_registry.download(model, answer["version"], dest, **checks)
             answer["profile_dir"] = str(profile)
             answer["files_checked"] = "sizes" if fast else "sha256"
             if verify:
+                from tasks.host import machine
+
                 verify_artifact(profile, full=False, sizes_only=True)  # digests done above; now arch and toolchain
-                answer["verified_on"] = store.local_device()["arch"]
-        except (ArtifactMismatch, store.ArtifactDamaged) as exc:
+                answer["verified_on"] = machine.local_device()["arch"]
+        except Refused as exc:  # ArtifactDamaged, ArtifactMismatch: exit 3
             typer.echo(f"refused: {exc}", err=True)
-            raise typer.Exit(EXIT_REFUSED) from None
+            raise typer.Exit(exit_code_of(exc)) from None
     print(json.dumps(answer, indent=2))
 
 
 def _gpu_name_of(gpu: str) -> str | None:
     """A catalogue GPU name (H20, H100, ...) when --gpu is one: resolve then prefers a version built on that GPU."""
-    from tasks.targets import GPU_CATALOGUE
+    from tasks.decisions.targets import GPU_CATALOGUE
 
     return next((name for name in GPU_CATALOGUE if name.lower() == gpu.lower()), None)
 
@@ -347,11 +354,11 @@ def _arch_of(gpu: str) -> str:
     aliases use the second, manifests and the gpu_arch tag the first, and both name the same alias)."""
     import re
 
-    from tasks import store
-    from tasks.targets import arch_of
+    from tasks.decisions.targets import arch_of
+    from tasks.host import machine
 
     if gpu == "auto":
-        return store.local_device()["arch"]
+        return machine.local_device()["arch"]
     if re.fullmatch(r"sm\d{2,3}", gpu):
         return f"sm_{gpu[2:]}"
     if re.fullmatch(r"cpu-[a-z0-9_-]+", gpu):

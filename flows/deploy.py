@@ -20,6 +20,9 @@ from typing import Any
 
 import yaml
 
+from tasks.base import settings as names
+from tasks.base.settings import settings
+
 PROJECT_DIR = Path(__file__).resolve().parents[1]
 FLOW_NAME = "certify"
 ENTRYPOINT = "flows/pipeline.py:certify"
@@ -77,7 +80,7 @@ class Plan:
 
 
 def project_dir() -> Path:
-    return Path(os.environ.get("ENGINEWRIGHT_PROJECT_DIR") or PROJECT_DIR).resolve()
+    return Path(settings().project_dir or PROJECT_DIR).resolve()
 
 
 def enter_project(directory: str | None = None) -> dict[str, str]:
@@ -169,14 +172,14 @@ def load_plan(prefect_file: Path | str | None = None, *, only: list[str] | None 
                 description=f"quantize {params['recipe_path']} on {quantize_pool} for its certify deployments",
                 tags=sorted({"enginewright", f"recipe:{recipe.name}", f"model:{recipe.model.slug}",
                              f"pool:{quantize_pool}"}),
-                job_variables=job_variables | {"env": job_variables["env"] | {"ENGINEWRIGHT_WORK_POOL": quantize_pool}},
+                job_variables=job_variables | {"env": job_variables["env"] | {names.WORK_POOL: quantize_pool}},
                 flow=QUANTIZE_FLOW, entrypoint=QUANTIZE_ENTRYPOINT)
             deployments.append(quantize)
         for pool_name, targets in groups.items():
-            env = job_variables["env"] | {"ENGINEWRIGHT_WORK_POOL": pool_name}
+            env = job_variables["env"] | {names.WORK_POOL: pool_name}
             if quantize_pool:
-                env |= {"ENGINEWRIGHT_QUANTIZE_DEPLOYMENT": f"{QUANTIZE_FLOW}/{name}-quantize",
-                        "ENGINEWRIGHT_QUANTIZE_POOL": quantize_pool}
+                env |= {names.QUANTIZE_DEPLOYMENT: f"{QUANTIZE_FLOW}/{name}-quantize",
+                        names.QUANTIZE_POOL: quantize_pool}
             deployments.append(Deployment(
                 name=f"{name}-{pool_name}", entry=name, recipe_path=params["recipe_path"], recipe_name=recipe.name,
                 model=recipe.model.slug, pool=pool_name, targets=targets, parameters=params | {"targets": targets},
@@ -190,7 +193,7 @@ def load_plan(prefect_file: Path | str | None = None, *, only: list[str] | None 
 
 
 def _check_target(target, pool: Pool | None, pool_name: str, known: list[str]) -> str | None:
-    from tasks.targets import arch_of
+    from tasks.decisions.targets import arch_of
 
     if pool is None:
         return (f"target '{target.name}' names work pool '{pool_name}', which enginewright.work_pools does not "

@@ -5,6 +5,9 @@ from __future__ import annotations
 import os
 
 from tasks import store
+from tasks.base import settings as names
+from tasks.base.settings import settings
+from tasks.host import liveness
 
 
 def configure(*, offline: bool) -> None:
@@ -14,13 +17,11 @@ def configure(*, offline: bool) -> None:
         offline: no stage of the recipe needs the Hugging Face hub; make hub libraries fail fast instead of
             trying the network.
     """
-    from tasks import liveness
-
     home = store.home()
     home.mkdir(parents=True, exist_ok=True)
-    os.environ.setdefault("ENGINEWRIGHT_HOME", str(home))
-    os.environ[liveness.OWNER_ENV] = liveness.owner_token()  # so `enginewright cleanup` can tell our orphans
-    if not os.environ.get("PREFECT_API_URL"):
+    os.environ.setdefault(names.HOME, str(home))
+    os.environ[names.OWNER] = liveness.owner_token()  # so `enginewright cleanup` can tell our orphans
+    if not settings().prefect_api_url:
         os.environ.setdefault("PREFECT_HOME", str(home / "prefect"))
         os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_ENABLED", "true")
         os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")

@@ -1,9 +1,9 @@
-"""Production commands, added to the `enginewright` CLI by flows/cli.py: `deploy`, `webhook serve`, `cleanup`, `warmup`."""
+"""Production commands, added to the `enginewright` CLI by flows/cli.py: `deploy`, `webhook serve`, `cleanup`,
+`warmup`."""
 
 from __future__ import annotations
 
 import logging
-import os
 import sys
 from pathlib import Path
 from typing import List, Optional
@@ -11,6 +11,8 @@ from typing import List, Optional
 import typer
 from rich.console import Console
 from rich.table import Table
+
+from tasks.base.settings import settings
 
 console = Console(width=None if sys.stdout.isatty() else 200)
 PREFECT_FILE_HELP = "the deployments file (default: prefect.yaml in the project directory)"
@@ -41,7 +43,7 @@ def deploy(prefect_file: Optional[Path] = typer.Option(None, "--prefect-file", h
     console.print(table)
     if dry_run:
         return
-    if not os.environ.get("PREFECT_API_URL"):
+    if not settings().prefect_api_url:
         typer.echo("deploy error: PREFECT_API_URL is not set. Deployments need a Prefect server (the temporary "
                    "local API runs no scheduler and no workers), e.g. PREFECT_API_URL=http://127.0.0.1:4200/api",
                    err=True)
@@ -114,7 +116,7 @@ def warmup() -> None:
     """
     import json
 
-    from tasks.warmup import warmup as compile_extensions
+    from tasks.models.warmup import warmup as compile_extensions
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     try:
@@ -130,7 +132,8 @@ def warmup() -> None:
 
 def register(app: typer.Typer) -> None:
     """Add `deploy`, `webhook serve`, `cleanup` and `warmup` to the CLI."""
-    app.command(epilog="Example (GPU worker start): enginewright warmup && prefect worker start --pool gpu-h100")(warmup)
+    app.command(
+        epilog="Example (GPU worker start): enginewright warmup && prefect worker start --pool gpu-h100")(warmup)
     app.command(epilog="Example: PREFECT_API_URL=http://127.0.0.1:4200/api enginewright deploy")(deploy)
     app.command(epilog="Example: enginewright cleanup")(cleanup)
     webhook = typer.Typer(no_args_is_help=True, help="The CI webhook receiver.")

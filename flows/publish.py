@@ -4,7 +4,7 @@ published as Prefect artifacts (the Prefect UI cannot fetch local files, so imag
 from __future__ import annotations
 
 from flows import prefect_edge as edge
-from registry import mlflow_registry as registry
+from registry import tracking as registry
 from tasks import store
 
 
@@ -12,7 +12,7 @@ def report(recipe, record) -> None:
     """The decision report: written to the store, logged to the MLflow run, shown as a Prefect artifact."""
     from prefect.artifacts import create_markdown_artifact
 
-    from tasks.report import inline_images, write_report
+    from tasks.decisions.report import inline_images, write_report
 
     if not any(r["status"] != "skipped" for r in record.rows):
         return

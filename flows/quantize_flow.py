@@ -9,15 +9,19 @@ quantizing again. Hosts share no disk: only the Prefect server and MLflow's arti
 from __future__ import annotations
 
 import logging
-import os
 
 from prefect import flow
 
-log = logging.getLogger("enginewright")
+from flows.prepare import check_calibration, prepare, quantize_formats, resolve_inputs
+from flows.stages import RunRecord
+from registry import artifact_share
+from tasks import store
+from tasks.backends import target_runtime
+from tasks.base.settings import settings
+from tasks.decisions.targets import make_plan
+from tasks.host import machine
 
-# Set by `enginewright deploy` in the job environment of a recipe's certify deployments (flows/deploy.py).
-DEPLOYMENT_ENV, POOL_ENV, WORK_POOL_ENV = ("ENGINEWRIGHT_QUANTIZE_DEPLOYMENT", "ENGINEWRIGHT_QUANTIZE_POOL",
-                                           "ENGINEWRIGHT_WORK_POOL")
+log = logging.getLogger("enginewright")
 
 
 @flow(name="quantize", log_prints=True)
@@ -27,21 +31,13 @@ def quantize_checkpoints(recipe_path: str, overrides: list[str] | None = None, m
 
     Args: as for the certify flow.
     """
-    from flows.pipeline import RunRecord, prepare, quantize_formats, resolve_inputs
-    from registry import artifact_share
-    from tasks import representativeness as rep
-    from tasks import store
-    from tasks.targets import make_plan
-
     recipe, base_dir = resolve_inputs(recipe_path, overrides, model_location, model_version, None)
-    plan = make_plan(recipe, store.local_device())
+    plan = make_plan(recipe, machine.local_device(), runtime_of=target_runtime)
     store.sweep_temporaries()
     shared = artifact_share.enable()
     record = RunRecord()
     model, calib = prepare(recipe, base_dir, record)
-    report = rep.assess(recipe.calibration, calib, model_dir=model.path, model_fp=model.fingerprint)
-    for message in rep.enforce(report):  # `action: stop` raises here, before any quantization
-        log.warning("calibration representativeness: %s", message)
+    check_calibration(recipe, model, calib, record, log_run=False)  # `action: stop` raises here, before quantizing
     quantized, errors = quantize_formats(recipe, plan, model, calib, record)
     return {"quantized": {fmt: q.fingerprint for fmt, q in quantized.items()}, "errors": errors,
             "stages": record.stages, "shared": shared}
@@ -53,8 +49,9 @@ def quantize_elsewhere(recipe_path: str, overrides, model_location, model_versio
     Raises:
         RuntimeError: the quantize flow run did not complete (its state and message say why).
     """
-    name, pool = os.environ.get(DEPLOYMENT_ENV), os.environ.get(POOL_ENV)
-    if not name or pool == os.environ.get(WORK_POOL_ENV):
+    env = settings()  # set by `enginewright deploy` in the job environment of a recipe's deployments
+    name, pool = env.quantize_deployment, env.quantize_pool
+    if not name or pool == env.work_pool:
         return
     from prefect.deployments import run_deployment
 

@@ -1,20 +1,33 @@
-"""Thin Prefect tasks over the stage functions: names, retries, and a `Cached` state for cache hits.
+"""Thin Prefect tasks over the stage functions (names, retries, a `Cached` state for cache hits), the run record,
+and the one timer every stage call goes through.
 
-Caching lives in the artifact store (tasks/store.py), not in Prefect's result cache: every stage function returns at
+Caching lives in the artifact store (tasks/store/), not in Prefect's result cache: every stage function returns at
 once when its content-addressed output already exists. Prefect's cache would only hold a pointer to that output,
 could not notice the output being deleted, and needs the same shared storage across workers that the store needs.
 Gates and promotion are never retried: a failed gate is an answer, not a transient error.
+
+One name per stage: the name below is the module's, the Prefect task's, the run record's and the console's.
 """
 
 from __future__ import annotations
 
 import functools
+import logging
+import time
+from dataclasses import dataclass, field
 
-from prefect import task
+from prefect import Task, task
 from prefect.cache_policies import NO_CACHE
-from prefect.states import Completed
+from prefect.states import Completed, State
 
-from tasks import benchmark, build, calibrate, evaluate, gates, import_model, quantize
+from tasks.calibration import calibrate
+from tasks.decisions import gates
+from tasks.models import import_model
+from tasks.profiles import build
+from tasks.quantization import quantize
+from tasks.validation import accuracy, latency
+
+log = logging.getLogger("enginewright")
 
 
 def stage_task(fn, **options):
@@ -31,15 +44,46 @@ def stage_task(fn, **options):
 
 def result_of(value):
     """A stage task's value, whether it came back as the value or as its Cached state."""
-    from prefect.states import State
-
     return value.result() if isinstance(value, State) else value
 
 
+# The stages that run as Prefect tasks, each named as its stage (represent and the recovery rungs run in the flow's
+# own task, timed as stages `represent` and `recover`).
 import_task = stage_task(import_model.import_model, name="import")
 calibrate_task = stage_task(calibrate.calibrate, name="calibrate")
-quantize_task = stage_task(quantize.quantize, name="quantize", task_run_name="quantize {fmt}")
-build_task = stage_task(build.build, name="build", task_run_name="build {fmt}@{target.name}")
-evaluate_task = stage_task(evaluate.evaluate, name="evaluate")
-latency_task = stage_task(benchmark.measure_latency, name="latency")
+quantize_task = stage_task(quantize.quantize, name="quantize")
+build_task = stage_task(build.build, name="build")
+accuracy_task = stage_task(accuracy.measure_accuracy, name="accuracy")
+latency_task = stage_task(latency.measure_latency, name="latency")
 gate_task = task(gates.gate, name="gate", cache_policy=NO_CACHE, retries=0)
+
+
+@dataclass
+class RunRecord:
+    """What the run did, for the summary table, the MLflow run and the CLI's exit code. Shared by the per-target
+    tasks, which run in threads: they only append to its lists and set distinct keys of its dicts."""
+    run_id: str = ""
+    stages: list[dict] = field(default_factory=list)  # stage, subject, seconds, cached
+    rows: list[dict] = field(default_factory=list)  # one per (format, target), baseline included
+    promotions: list[dict] = field(default_factory=list)
+    decisions: dict[str, dict] = field(default_factory=dict)  # target -> the ladder's choice and why
+    errors: list[str] = field(default_factory=list)
+    report: str | None = None
+
+    def stage(self, name: str, subject: str, started: float, result) -> None:
+        cached = bool(getattr(result, "cached", False))
+        seconds = round(time.perf_counter() - started, 2)
+        self.stages.append({"stage": name, "subject": subject, "seconds": seconds, "cached": cached,
+                            "started_at": round(time.time() - seconds, 3)})
+        log.info("%-9s %-28s %s", name, subject, "cache hit" if cached else f"{seconds:.1f} s")
+
+
+def timed(record: RunRecord, name: str, subject: str, fn, *args, **kwargs):
+    """Run stage `name` on `subject` (a Prefect task is named "<name> <subject>") and record its time."""
+    log.info("▶ %s %s", name, subject)
+    started = time.perf_counter()
+    if isinstance(fn, Task):
+        fn = fn.with_options(task_run_name=f"{name} {subject}")
+    result = result_of(fn(*args, **kwargs))
+    record.stage(name, subject, started, result)
+    return result

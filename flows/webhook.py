@@ -34,7 +34,6 @@ import hashlib
 import hmac
 import json
 import logging
-import os
 import re
 import sqlite3
 import threading
@@ -48,6 +47,9 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
+
+from tasks.base import settings as names
+from tasks.base.settings import settings
 
 log = logging.getLogger("enginewright.webhook")
 
@@ -83,16 +85,13 @@ class Settings:
 
     @classmethod
     def from_env(cls) -> "Settings":
-        from tasks import store
-
-        secret = os.environ.get("ENGINEWRIGHT_WEBHOOK_SECRET", "")
-        if len(secret) < 16:
-            raise ValueError("ENGINEWRIGHT_WEBHOOK_SECRET must be set to a shared secret of at least 16 characters "
+        env = settings()
+        if len(env.webhook_secret) < 16:
+            raise ValueError(f"{names.WEBHOOK_SECRET} must be set to a shared secret of at least 16 characters "
                              "(e.g. `openssl rand -hex 32`)")
-        db = os.environ.get("ENGINEWRIGHT_WEBHOOK_DB") or store.home() / "webhook" / "deliveries.db"
-        return cls(secret=secret.encode(), tolerance_s=int(os.environ.get("ENGINEWRIGHT_WEBHOOK_TOLERANCE_S", 300)),
-                   max_bytes=int(os.environ.get("ENGINEWRIGHT_WEBHOOK_MAX_BYTES", 64 * 1024)), db_path=Path(db),
-                   body_timeout_s=float(os.environ.get("ENGINEWRIGHT_WEBHOOK_BODY_TIMEOUT_S", 10)))
+        db = env.webhook_db or env.home / "webhook" / "deliveries.db"
+        return cls(secret=env.webhook_secret.encode(), tolerance_s=env.webhook_tolerance_s,
+                   max_bytes=env.webhook_max_bytes, db_path=Path(db), body_timeout_s=env.webhook_body_timeout_s)
 
 
 def sign(secret: bytes, timestamp: int | str, body: bytes) -> str:
@@ -272,7 +271,7 @@ def create_app(routes: dict[str, list[str]], settings: Settings, launcher: Launc
             for deployment in deployments:
                 run_id = await launcher(deployment, parameters, f"webhook-{event.delivery_id}-{deployment}", tags)
                 started.append({"deployment": deployment, "flow_run_id": run_id})
-        except Exception as exc:  # nothing recorded: the CI system's retry is safe (idempotency keys)
+        except Exception as exc:  # noqa: BLE001 - nothing recorded: the CI system's retry is safe (idempotency keys)
             deliveries.release(event.delivery_id)
             log.error("delivery %s: Prefect API refused %s: %s", event.delivery_id, deployment, exc)
             return _error(502, f"could not start a flow run of {deployment}: {type(exc).__name__}: {exc}")
@@ -296,11 +295,11 @@ def serve(*, host: str, port: int, prefect_file: Path | None = None) -> None:
 
     from flows.deploy import load_plan
 
-    if not os.environ.get("PREFECT_API_URL"):
+    if not settings().prefect_api_url:
         raise ValueError("PREFECT_API_URL is not set: the receiver starts runs on a Prefect server "
                          "(e.g. http://127.0.0.1:4200/api)")
-    settings = Settings.from_env()
+    receiver = Settings.from_env()
     routes = {model: [d.full_name for d in deps] for model, deps in load_plan(prefect_file).by_model().items()}
     for model, deps in routes.items():
         log.info("model %s -> %s", model, ", ".join(deps))
-    uvicorn.run(create_app(routes, settings), host=host, port=port, log_level="info")
+    uvicorn.run(create_app(routes, receiver), host=host, port=port, log_level="info")

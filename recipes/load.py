@@ -9,15 +9,25 @@ import yaml
 from pydantic import ValidationError
 
 from recipes import files
-from recipes.schema import Recipe, RecipeError, resolve_path
+from recipes.schema import TARGET_TYPES, Recipe, RecipeError, resolve_path
 
 
 def _format_errors(err: ValidationError) -> list[str]:
     lines = []
     for e in err.errors():
-        loc = ".".join(str(p) for p in e["loc"]) or "(recipe)"
+        # a target's type is chosen by its `backend` (a tagged union): pydantic puts the tag in the location
+        parts = list(e["loc"])
+        backend = next((p for i, p in enumerate(parts) if i > 1 and parts[i - 2] == "targets" and p in TARGET_TYPES),
+                       None)
+        loc = ".".join(str(p) for p in parts if p != backend) or "(recipe)"
         msg = e["msg"].removeprefix("Value error, ")
-        if e["type"] == "extra_forbidden":
+        if e["type"] == "union_tag_invalid":
+            loc += ".backend"
+            msg = f"got {e['input'].get('backend')!r}: expected one of {', '.join(TARGET_TYPES)}"
+        elif e["type"] == "extra_forbidden" and backend:
+            msg = (f"not an option of backend {backend} (its options: "
+                   f"{', '.join(TARGET_TYPES[backend].model_fields)}; `enginewright schema` lists each backend's)")
+        elif e["type"] == "extra_forbidden":
             msg = "unknown field (check the spelling; `enginewright schema` lists the fields)"
         elif e["type"] not in ("missing", "value_error") and isinstance(e.get("input"), (str, int, float, bool)):
             msg = f"got {str(e['input'])[:80]!r}: {msg}"  # name the offending value, not only the allowed ones

@@ -10,10 +10,11 @@ import hashlib
 import importlib.util
 import json
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Discriminator, Field, Tag, field_validator, model_validator
 
+from tasks.base.errors import BadInput
 
 QuantFormat = Literal["fp8", "int8_sq", "int4_awq", "w4a8_awq", "nvfp4"]
 QUANT_FORMATS: tuple[str, ...] = QuantFormat.__args__  # type: ignore[attr-defined]
@@ -29,7 +30,7 @@ def ListOf(item):  # noqa: N802 - reads like a type in field annotations
     return Annotated[list[item], BeforeValidator(_as_list)]
 
 
-class RecipeError(ValueError):
+class RecipeError(BadInput):
     """A recipe that cannot run; the message lists every problem, one per line."""
 
 
@@ -170,41 +171,15 @@ class QuantizationSpec(Strict):
 
 
 class TargetSpec(Strict):
+    """What every target has; each backend's own target type (below) adds its options. The recipe picks the type
+    by `backend` (default reference)."""
     name: str = Field(description="target name used in aliases and artifact paths, e.g. 'local' or 'h100'")
     gpu: str = Field("auto", description="'auto' (the device this runs on), a GPU name from the catalogue (H100, A100, ...), or 'sm_XY'")
-    backend: Literal["reference", "trtllm"] = Field("reference", description="reference: transformers + ModelOpt fake quant; trtllm: TensorRT-LLM")
     tp: int = Field(1, ge=1, le=64, description="tensor-parallel size")
     work_pool: str | None = Field(None, description="Prefect work pool whose workers have this GPU; unset: run locally")
     max_batch_size: int = Field(8, ge=1)
     max_seq_len: int = Field(2048, ge=16)
     max_num_tokens: int = Field(4096, ge=16)
-    kv_cache_dtype: Literal["auto", "fp8", "nvfp4"] = Field("auto", description="trtllm: KvCacheConfig.dtype of the PyTorch runtime (auto: from the checkpoint's kv_cache_quant_algo)")
-    trtllm_version: str | None = Field(None, description="trtllm: the TensorRT-LLM release of this target's worker image (default: the pin in docker/trtllm.Dockerfile); plan checks formats and engine kinds against it")
-    engine: Literal["profile", "legacy"] = Field("profile", description=(
-        "trtllm only. profile: deployment profile for the PyTorch runtime (TensorRT-LLM >= 1.2): checkpoint + "
-        "runtime options + autotuner cache; legacy: a TensorRT engine (rank*.engine) built with a pinned TensorRT-LLM "
-        "<= 1.3.0rc20 (the last release with the TensorRT backend), the only path that serves INT8-SmoothQuant"))
-
-    @model_validator(mode="after")
-    def _engine_needs_trtllm(self) -> "TargetSpec":
-        if self.engine == "legacy" and self.backend != "trtllm":
-            raise ValueError(f"engine 'legacy' is a TensorRT-LLM engine; target '{self.name}' has backend "
-                             f"'{self.backend}' (set backend: trtllm, or drop engine)")
-        if self.trtllm_version is not None:
-            from packaging.version import InvalidVersion, Version
-
-            if self.backend != "trtllm":
-                raise ValueError(f"trtllm_version applies to backend trtllm; target '{self.name}' has backend "
-                                 f"'{self.backend}'")
-            try:
-                Version(self.trtllm_version)
-            except InvalidVersion:
-                raise ValueError(f"trtllm_version '{self.trtllm_version}' of target '{self.name}' is not a "
-                                 f"TensorRT-LLM release number (e.g. 1.3.0rc21, 1.2.1)") from None
-        if self.tp > 1 and self.backend == "reference":
-            raise ValueError(f"target '{self.name}': tp={self.tp}, but the reference backend runs the model in one "
-                             f"process on one device (set tp: 1, or backend: trtllm on a {self.tp}-GPU worker)")
-        return self
 
     @field_validator("name")
     @classmethod
@@ -212,6 +187,50 @@ class TargetSpec(Strict):
         if not value or not all(c.isalnum() or c == "-" for c in value) or value != value.lower():
             raise ValueError(f"target name '{value}' must be lowercase letters, digits and '-'")
         return value
+
+
+class ReferenceTarget(TargetSpec):
+    backend: Literal["reference"] = Field("reference", description="reference: transformers + ModelOpt fake quant")
+
+    @model_validator(mode="after")
+    def _one_process(self) -> "ReferenceTarget":
+        if self.tp > 1:
+            raise ValueError(f"target '{self.name}': tp={self.tp}, but the reference backend runs the model in one "
+                             f"process on one device (set tp: 1, or backend: trtllm on a {self.tp}-GPU worker)")
+        return self
+
+
+class TrtllmTarget(TargetSpec):
+    backend: Literal["trtllm"] = Field(description="trtllm: TensorRT-LLM")
+    kv_cache_dtype: Literal["auto", "fp8", "nvfp4"] = Field("auto", description="KvCacheConfig.dtype of the PyTorch runtime (auto: from the checkpoint's kv_cache_quant_algo)")
+    trtllm_version: str | None = Field(None, description="the TensorRT-LLM release of this target's worker image (default: the pin in docker/trtllm.Dockerfile); plan checks formats and engine kinds against it")
+    engine: Literal["profile", "legacy"] = Field("profile", description=(
+        "profile: deployment profile for the PyTorch runtime (TensorRT-LLM >= 1.2): checkpoint + runtime options + "
+        "autotuner cache; legacy: a TensorRT engine (rank*.engine) built with a pinned TensorRT-LLM <= 1.3.0rc20 "
+        "(the last release with the TensorRT backend), the only path that serves INT8-SmoothQuant"))
+
+    @field_validator("trtllm_version")
+    @classmethod
+    def _release(cls, value: str | None) -> str | None:
+        from packaging.version import InvalidVersion, Version
+
+        if value is not None:
+            try:
+                Version(value)
+            except InvalidVersion:
+                raise ValueError(f"trtllm_version '{value}' is not a TensorRT-LLM release number (e.g. 1.3.0rc21, "
+                                 "1.2.1)") from None
+        return value
+
+
+def _backend_of(value) -> str:
+    return value.get("backend", "reference") if isinstance(value, dict) else getattr(value, "backend", "reference")
+
+
+Target = Annotated[Union[Annotated[ReferenceTarget, Tag("reference")], Annotated[TrtllmTarget, Tag("trtllm")]],
+                   Discriminator(_backend_of)]
+TARGET_TYPES = {"reference": ReferenceTarget, "trtllm": TrtllmTarget}
+
 
 
 class EvaluationSpec(Strict):
@@ -313,7 +332,7 @@ class Recipe(Strict):
     model: ModelSpec
     calibration: CalibrationSpec
     quantization: QuantizationSpec
-    targets: list[TargetSpec] = Field(min_length=1)
+    targets: list[Target] = Field(min_length=1)
     evaluation: EvaluationSpec
     latency: LatencySpec = Field(default_factory=LatencySpec)
     gates: GatesSpec = Field(default_factory=GatesSpec)
@@ -334,6 +353,11 @@ class Recipe(Strict):
         if unknown:
             raise ValueError(f"gates.accuracy.tasks names {unknown}, which are not in evaluation.tasks {self.evaluation.tasks}")
         return self
+
+    @property
+    def tp_sizes(self) -> tuple[int, ...]:
+        """Every target's tensor-parallel size: an AWQ group size must fit all of them."""
+        return tuple(sorted({t.tp for t in self.targets}))
 
     @property
     def gated_load(self) -> str:

@@ -23,6 +23,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
 
 from tasks import store
+from tasks.base.settings import settings
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +40,7 @@ class MlflowArtifactShare(store.Remote):
 
     @classmethod
     def from_tracking(cls) -> "MlflowArtifactShare":
-        from registry.mlflow_registry import client, experiment_id
+        from registry.client import client, experiment_id
 
         return cls(client().get_experiment(experiment_id(EXPERIMENT)).artifact_location.rstrip("/") + "/store")
 
@@ -135,9 +136,9 @@ def _local_files_by_digest(wanted: set[str], *, exclude: Path) -> dict[str, Path
 
 def sharing_enabled() -> bool:
     """On when runs track to a server (hosts share no disk), unless ENGINEWRIGHT_SHARE_ARTIFACTS=0; forced on with 1."""
-    from registry.mlflow_registry import tracking_uri
+    from registry.client import tracking_uri
 
-    setting = os.environ.get("ENGINEWRIGHT_SHARE_ARTIFACTS", "auto").lower()
+    setting = settings().share_artifacts
     if setting in ("0", "false", "no", "off"):
         return False
     return setting in ("1", "true", "yes", "on") or tracking_uri().startswith(("http://", "https://"))

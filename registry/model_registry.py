@@ -1,7 +1,7 @@
 """The MLflow Model Registry at the edge: registered versions (each an MLflow pyfunc model holding the profile's
 files), per-architecture aliases, promotion, resolve (what should an sm_90 node serve?) and verified download.
 
-Tracking runs, metrics and datasets live in registry/mlflow_registry.py, which re-exports these names.
+Tracking runs, metrics and datasets live in registry/tracking.py; the connection in registry/client.py.
 """
 
 from __future__ import annotations
@@ -12,8 +12,11 @@ import mlflow
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
-from registry.mlflow_registry import client, tracking_uri
+from registry.client import already_exists, client, tracking_uri
 from tasks import store
+from tasks.base.errors import BadInput, NotCertified
+from tasks.host import machine
+
 
 def registered_name(registry_name: str, backend: str) -> str:
     return f"{registry_name}-{backend}"
@@ -59,7 +62,7 @@ def _ensure_registered_model(c: MlflowClient, name: str) -> None:
     try:
         c.create_registered_model(name)
     except MlflowException as exc:
-        if "already exists" not in str(exc).lower() and "RESOURCE_ALREADY_EXISTS" not in str(exc):
+        if not already_exists(exc):
             raise
 
 
@@ -80,7 +83,8 @@ def _log_profile_model(run_id: str, profile_dir: str) -> str:
         info = mlflow.pyfunc.log_model(name=pyfunc_model.PROFILE, python_model=pyfunc_model.__file__,
                                        artifacts={pyfunc_model.PROFILE: str(staged)},
                                        signature=pyfunc_model.SIGNATURE,
-                                       pip_requirements=[f"enginewright=={store.version_of('enginewright') or '0.1.0'}"])
+                                       pip_requirements=[
+                                           f"enginewright=={machine.version_of('enginewright') or '0.1.0'}"])
     return info.model_uri
 
 
@@ -101,11 +105,11 @@ def download(name: str, version: str, dest: Path, *, full: bool = True, sizes_on
 def promote(*, name: str, version: str, alias: str, challenger_alias: str, compare=None) -> dict:
     """Move `alias` to `version` when it beats the current champion; otherwise point `challenger_alias` at it.
 
-    `compare(candidate_tags, champion_tags) -> (wins, why)` decides (tasks/promote.py passes the recipe's ladder);
-    by default the cheaper format to serve wins (tasks/serving_cost.py), then the smaller accuracy loss. Returns
-    what happened.
+    `compare(candidate_tags, champion_tags) -> (wins, why)` decides (registry/promote.py passes the recipe's ladder);
+    by default the cheaper format to serve wins (tasks/decisions/serving_cost.py), then the smaller accuracy loss.
+    Returns what happened.
     """
-    from tasks import ladder
+    from tasks.decisions import ladder
 
     compare = compare or (lambda cand, champ: ladder.compare_versions(cand, champ, strategy="first_passing",
                                                                       metric="output_tokens_per_s"))
@@ -128,7 +132,7 @@ def promote(*, name: str, version: str, alias: str, challenger_alias: str, compa
                       f"{why}"}
 
 
-class UnknownModel(LookupError):
+class UnknownModel(BadInput):
     """No registered model of that name."""
 
 
@@ -141,7 +145,7 @@ def resolve(*, name: str, arch: str, prefix: str = "champion", tp: int = 1, gpu_
     newest certified version for this arch and tp whose `gpu_name` tag names it; the arch's champion otherwise.
     `matched` says which ("gpu_name" or "arch").
 
-    Raises UnknownModel when `name` is not registered, LookupError when nothing is certified for `arch`."""
+    Raises UnknownModel when `name` is not registered, NotCertified when nothing is certified for `arch`."""
     c = client()
     try:
         model = c.get_registered_model(name)
@@ -152,12 +156,12 @@ def resolve(*, name: str, arch: str, prefix: str = "champion", tp: int = 1, gpu_
     alias = alias_for(prefix, arch, tp)
     if alias not in model.aliases:
         have = ", ".join(sorted(model.aliases)) or "none"
-        raise LookupError(f"registered model '{name}' has no '{alias}' alias: nothing is certified for {arch}"
+        raise NotCertified(f"registered model '{name}' has no '{alias}' alias: nothing is certified for {arch}"
                           f"{f' with tp={tp}' if tp > 1 else ''} (its aliases: {have})")
     version = champion = c.get_model_version(name, model.aliases[alias])
     matched = "arch"
     if gpu_name is not None:
-        from tasks.targets import gpu_matches
+        from tasks.decisions.targets import gpu_matches
 
         if gpu_matches(gpu_name, version.tags.get("gpu_name")):
             matched = "gpu_name"

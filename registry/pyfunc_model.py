@@ -24,7 +24,8 @@ class CertifiedProfile(mlflow.pyfunc.PythonModel):
     """Prompts in, greedy completions out, computed by the certified profile itself."""
 
     def load_context(self, context) -> None:
-        from tasks.build import backend, verify_artifact
+        from tasks.backends import get as backend
+        from tasks.profiles.profile import verify_artifact
 
         profile = Path(context.artifacts[PROFILE])
         manifest = verify_artifact(profile)  # digests, architecture, toolchain: refused with what differs

@@ -25,7 +25,8 @@ def isolated_home(tmp_path, monkeypatch) -> Path:
 
 def _tiny_tokenizer():
     from pydoc_data.topics import topics
-    from tokenizers import Tokenizer, models, pre_tokenizers, decoders, trainers
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
@@ -104,8 +105,9 @@ def tiny_gpt2(tmp_path_factory):
 @pytest.fixture()
 def calib_file(tmp_path) -> str:
     """A calibration parquet of 16 pydoc paragraphs (400 characters each), as the quantize stage reads it."""
-    import pandas as pd
     from pydoc_data.topics import topics
+
+    import pandas as pd
 
     path = tmp_path / "calibration.parquet"
     pd.DataFrame({"text": [t[:400] for t in list(topics.values())[:16]]}).to_parquet(path)

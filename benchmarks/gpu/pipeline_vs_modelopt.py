@@ -3,8 +3,8 @@
 Bare ModelOpt is what a user would write: load -> mtq.quantize -> export_hf_checkpoint(dtype=bfloat16). The pipeline
 is the stage functions the flow calls (import, quantize, build), timed step by step by wrapping the library calls
 they make. A random-weight model of the requested shape stands in for real weights (none can travel to the GPU host);
-the calibration set is seeded random token ids packed into samples x seq_len, the format tasks/calibrate.py writes
-with `pack: true`. The record (JSON) is rewritten after every step, so a killed run keeps what it measured.
+the calibration set is seeded random token ids packed into samples x seq_len, the format tasks/calibration/calibrate.py
+writes with `pack: true`. The record (JSON) is rewritten after every step, so a killed run keeps what it measured.
 
     python benchmarks/gpu/pipeline_vs_modelopt.py --shape 8b --formats fp8 int4_awq --work /tmp/bench \
         --out benchmarks/gpu/results/h200-pipeline-vs-modelopt.json
@@ -156,7 +156,7 @@ def bare_modelopt(rec: Record, fmt: str, model_dir: Path, tokens, batch_size: in
     from modelopt.torch.export import export_hf_checkpoint
     from transformers import AutoModelForCausalLM
 
-    from tasks import quantize
+    from tasks.quantization import quantize
 
     run = f"bare-modelopt/{fmt}"
     peak_gib()
@@ -197,7 +197,9 @@ def timing_calls(rec: Record, run: str):
     import modelopt.torch.export as mte
     import modelopt.torch.quantization as mtq
 
-    from tasks import placement, quant_state, quantize, store
+    from tasks import store
+    from tasks.models import placement, quant_state
+    from tasks.quantization import quantize
 
     patches = [(placement, "plan", "placement (config x dtype vs free memory)"),
                (placement, "load_causal_lm", "load"), (mtq, "quantize", "calibrate + quantize"),
@@ -228,7 +230,7 @@ def timing_calls(rec: Record, run: str):
 def pipeline_quantize(rec: Record, fmt: str, model, calib_file: Path, tokens, batch_size: int, base_inodes) -> tuple:
     import torch
 
-    from tasks import quantize
+    from tasks.quantization import quantize
 
     run = f"pipeline/{fmt}"
     peak_gib()
@@ -270,18 +272,23 @@ def main() -> None:
     import torch
 
     os.environ["ENGINEWRIGHT_HOME"] = str(args.work / "home")
-    from recipes.schema import ModelSpec, TargetSpec
-    from tasks import build, import_model, quantize, store, warmup
+    from recipes.schema import ModelSpec, ReferenceTarget
+    from tasks import store
+    from tasks.host import machine
+    from tasks.models import import_model, warmup
+    from tasks.profiles import build
+    from tasks.quantization import quantize
 
-    rec = Record(args.out, shape={"name": args.shape, **SHAPES[args.shape]}, device=store.local_device(),
-                 toolchain=store.toolchain(), seq_len=args.seq_len, batch_size=args.batch_size)
+    rec = Record(args.out, shape={"name": args.shape, **SHAPES[args.shape]}, device=machine.local_device(),
+                 toolchain=machine.toolchain(), seq_len=args.seq_len, batch_size=args.batch_size)
     if torch.cuda.is_available():
         t = time.perf_counter()
         rec.set("warmup", warmup.warmup())  # neither side should pay ModelOpt's JIT compile
         rec.step("setup", "warmup (compile ModelOpt CUDA extensions)", time.perf_counter() - t)
     t = time.perf_counter()
     model_dir = make_model(args.shape, args.work / "base", args.tokenizer)
-    rec.step("setup", "make random-weight model", time.perf_counter() - t, bytes=sum(f.stat().st_size for f in model_dir.glob("*.safetensors")))
+    rec.step("setup", "make random-weight model", time.perf_counter() - t,
+             bytes=sum(f.stat().st_size for f in model_dir.glob("*.safetensors")))
     base_inodes = inodes(model_dir)
 
     if torch.cuda.is_available():  # first-use costs (CUDA/cuBLAS init, ModelOpt's module registration) paid here
@@ -312,7 +319,8 @@ def main() -> None:
         ratio = pipe["seconds"] / bare["seconds"]
         disk_ratio = pipe["disk_bytes"] / (bare["disk_bytes"] + pipe["state_bytes"])
         rec.data["runs"][fmt] = {"samples": samples, "bare": bare, "pipeline": pipe, "time_ratio": round(ratio, 3),
-                                 "all_bare_s": [r["seconds"] for r in bares], "all_pipeline_s": [r["seconds"] for r in pipes],
+                                 "all_bare_s": [r["seconds"] for r in bares],
+                                 "all_pipeline_s": [r["seconds"] for r in pipes],
                                  "disk_ratio_vs_bare_export_plus_state": round(disk_ratio, 3)}
         rec.flush()
         print(f"{fmt}: pipeline {pipe['seconds']:.1f} s vs bare {bare['seconds']:.1f} s = {ratio:.2f}x; "
@@ -321,8 +329,8 @@ def main() -> None:
         shutil.rmtree(bare_dir, ignore_errors=True)
 
         if args.trust_extras and fmt == args.formats[0]:
-            target = TargetSpec(name="gpu")
-            device = store.local_device()
+            target = ReferenceTarget(name="gpu")
+            device = machine.local_device()
             t = time.perf_counter()
             prof = build.build(model_slug=spec.slug, checkpoint_dir=q.fakequant_dir, checkpoint_fp=q.fingerprint,
                                fmt=fmt, quant_algo=q.quant_algo, target=target, device=device)
@@ -364,7 +372,7 @@ def upload(rec: Record, profile: Path, work: Path, nbytes: int) -> None:
         mlflow.set_tracking_uri(f"sqlite:///{work / 'mlflow.db'}")
         exp = mlflow.create_experiment(f"upload-bench-{time.time_ns()}", artifact_location=target.as_uri())
         run = mlflow.start_run(experiment_id=exp)
-    except Exception as exc:  # no MLflow on the host: time the copy it would make
+    except Exception as exc:  # noqa: BLE001 - no MLflow on the host: time the copy it would make
         mlflow, run, why = None, None, f"{type(exc).__name__}: {exc}"
     t = time.perf_counter()
     if mlflow is not None:

@@ -3,7 +3,7 @@ each built, evaluated and gated like the pipeline does, with stage times, estima
 
 No network is needed: the model is a Llama made here (random init, then trained briefly on pydoc text so INT4 costs
 measurable perplexity), the tokenizer a BPE trained on the same text. Uses the stage functions the flow calls
-(tasks/recover.py's recovery_rungs included); Prefect and MLflow are not needed. Writes a JSON record.
+(tasks/quantization/recovery.py's recovery_rungs included); Prefect and MLflow are not needed. Writes a JSON record.
 
     python benchmarks/gpu/recovery_rungs.py --out recovery.json                  # ~1B-parameter shape, H100/H200
     python benchmarks/gpu/recovery_rungs.py --hidden 64 --layers 2 --vocab 512 --train-steps 50 \
@@ -29,8 +29,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 def make_model(out: Path, *, hidden: int, layers: int, vocab: int, train_steps: int, seq: int = 256) -> dict:
     """A Llama of the given shape with a BPE tokenizer trained on pydoc text, trained `train_steps` steps on it."""
-    import torch
     from pydoc_data.topics import topics
+
+    import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
@@ -38,7 +39,8 @@ def make_model(out: Path, *, hidden: int, layers: int, vocab: int, train_steps: 
     bpe = Tokenizer(models.BPE(unk_token="<unk>"))
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
-    bpe.train_from_iterator(text, trainers.BpeTrainer(vocab_size=vocab, special_tokens=["<unk>", "<s>", "</s>", "<pad>"],
+    bpe.train_from_iterator(text, trainers.BpeTrainer(vocab_size=vocab,
+                                                      special_tokens=["<unk>", "<s>", "</s>", "<pad>"],
                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
     tok = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
                                   pad_token="<pad>")
@@ -93,15 +95,25 @@ def main() -> None:
     import torch
 
     from recipes.schema import Recipe
-    from tasks import build, calibrate, evaluate, gates, import_model, quantize, recover, store
+    from tasks import store
+    from tasks.calibration import calibrate
+    from tasks.decisions import gates
+    from tasks.host import machine
+    from tasks.models import import_model
+    from tasks.profiles import build
+    from tasks.quantization import quantize
+    from tasks.quantization import recovery as recover
+    from tasks.validation import accuracy
 
     home = store.home()
     model_dir = home / "recovery-model"
     shape = make_model(model_dir, hidden=args.hidden, layers=args.layers, vocab=args.vocab,
                        train_steps=args.train_steps)
     # the budget halfway between all-INT4 and all-FP8, counting the 16-bit lm_head as AutoQuantize does
-    lo = (4 * shape["linear_params"] + 16 * shape["lm_head_params"]) / (shape["linear_params"] + shape["lm_head_params"])
-    hi = (8 * shape["linear_params"] + 16 * shape["lm_head_params"]) / (shape["linear_params"] + shape["lm_head_params"])
+    lo = ((4 * shape["linear_params"] + 16 * shape["lm_head_params"])
+          / (shape["linear_params"] + shape["lm_head_params"]))
+    hi = ((8 * shape["linear_params"] + 16 * shape["lm_head_params"])
+          / (shape["linear_params"] + shape["lm_head_params"]))
     budget = round((lo + hi) / 2, 2)
     recipe = Recipe.model_validate({
         "name": "recovery-rungs-gpu", "model": {"source": "hf_dir", "path": str(model_dir), "name": "recovery-llama"},
@@ -112,9 +124,9 @@ def main() -> None:
         "recovery": {"auto_quantize": {"formats": ["int4_awq", "fp8"], "effective_bits": budget, "score_batches": 16},
                      "qat": {"steps": args.qat_steps, "lr": 1e-5, "seq_len": 256, "batch_size": 8, "samples": 1024}},
         "registry": {"name": "recovery"}})
-    device = store.local_device()
+    device = machine.local_device()
     target = recipe.targets[0]
-    record: dict = {"device": device, "toolchain": store.toolchain(), "model": shape, "budget": budget,
+    record: dict = {"device": device, "toolchain": machine.toolchain(), "model": shape, "budget": budget,
                     "budget_range": [round(lo, 3), round(hi, 3)], "stages": [], "rows": []}
 
     def timed(name, subject, fn, **kw):
@@ -138,7 +150,7 @@ def main() -> None:
     def evaluate_rung(fmt, checkpoint_dir, fingerprint, quant_algo):
         prof = timed("build", fmt, build.build, model_slug=model.name, checkpoint_dir=checkpoint_dir,
                      checkpoint_fp=fingerprint, fmt=fmt, quant_algo=quant_algo, target=target, device=device)
-        return timed("accuracy", fmt, evaluate.evaluate, profile_dir=prof.path, profile_fp=prof.fingerprint,
+        return timed("accuracy", fmt, accuracy.evaluate, profile_dir=prof.path, profile_fp=prof.fingerprint,
                      backend_name=prof.backend, spec=recipe.evaluation, holdout_file=calib.holdout_file)
 
     base = evaluate_rung("none", model.path, model.fingerprint, None)

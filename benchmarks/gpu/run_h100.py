@@ -2,8 +2,8 @@
 
 Runs import -> calibrate (CUDA forward passes) -> quantize (every format valid for some target: NVFP4, INT4-AWQ,
 FP8) -> build on this GPU's arch (NVFP4 is skipped for sm_90 with its reason) -> validate (lm-eval + latency) ->
-gates, with the same stage functions the Prefect flow calls, then promotes through MLflow (a SQLite file in the store) and
-resolves what this GPU should serve. Prefect is not needed on the GPU host. The run record (stage times, manifests,
+gates, with the same stage functions the Prefect flow calls, then promotes through MLflow (a SQLite file in the store)
+and resolves what this GPU should serve. Prefect is not needed on the GPU host. The run record (stage times, manifests,
 metrics, verdicts, registry tags) is written as JSON.
 
     python benchmarks/gpu/run_h100.py --recipe recipes/gpu-h100.yaml --out results.json \
@@ -57,8 +57,16 @@ def main() -> None:
     args = ap.parse_args()
 
     from recipes.load import load_recipe
-    from tasks import benchmark, build, calibrate, evaluate, gates, import_model, quantize, store
-    from tasks.targets import make_plan
+    from tasks import store
+    from tasks.backends import target_runtime
+    from tasks.calibration import calibrate
+    from tasks.decisions import gates
+    from tasks.decisions.targets import make_plan
+    from tasks.host import machine
+    from tasks.models import import_model
+    from tasks.profiles import build
+    from tasks.quantization import quantize
+    from tasks.validation import accuracy, latency
 
     overrides = list(args.set)
     if args.latency_concurrency:
@@ -69,9 +77,9 @@ def main() -> None:
         model_dir = shaped_model(args.shaped_model_tokenizer, store.home() / "shaped-smollm2")
         overrides += ["model.source=hf_dir", f"model.path={model_dir}"]
     recipe, base_dir = load_recipe(args.recipe, overrides)
-    device = store.local_device()
-    plan = make_plan(recipe, device)
-    record: dict = {"device": device, "toolchain": store.toolchain(), "stages": [], "rows": [],
+    device = machine.local_device()
+    plan = make_plan(recipe, device, runtime_of=target_runtime)
+    record: dict = {"device": device, "toolchain": machine.toolchain(), "stages": [], "rows": [],
                     "plan": [p.__dict__ for p in plan.pairs], "recipe": recipe.model_dump(mode="json"),
                     "complete": False}
     out = Path(args.out)
@@ -110,20 +118,22 @@ def main() -> None:
                                batch_size=recipe.calibration.batch_size)
         record.setdefault("quantized", {})[fmt] = {"quant_algo": quantized[fmt].quant_algo,
                                                    "awq_block_size": quantized[fmt].awq_block_size,
-                                                   "hf_quant_config": store.read_manifest(Path(quantized[fmt].path))["hf_quant_config"]}
+                                                   "hf_quant_config": store.read_manifest(
+                                                       Path(quantized[fmt].path))["hf_quant_config"]}
 
     def validate(profile):
-        acc = timed("accuracy", f"{profile.format}@{profile.target}", evaluate.evaluate, profile_dir=profile.path,
+        acc = timed("accuracy", f"{profile.format}@{profile.target}", accuracy.evaluate, profile_dir=profile.path,
                     profile_fp=profile.fingerprint, backend_name=profile.backend, spec=recipe.evaluation,
                     holdout_file=calib.holdout_file)
-        lat = timed("latency", f"{profile.format}@{profile.target}", benchmark.measure_latency,
+        lat = timed("latency", f"{profile.format}@{profile.target}", latency.measure_latency,
                     profile_dir=profile.path, profile_fp=profile.fingerprint, backend_name=profile.backend,
                     spec=recipe.latency, holdout_file=calib.holdout_file, holdout_digest=calib.holdout_digest,
                     device=device)
         return acc, lat
 
-    from registry import mlflow_registry as registry
-    from tasks import ladder, promote
+    from registry import model_registry, promote
+    from registry import tracking as registry
+    from tasks.decisions import ladder
 
     run_id = registry.start_pipeline_run(experiment=recipe.name, run_name="gpu-path", recipe_file=Path(args.recipe),
                                          recipe_digest=recipe.digest(), params={"device": device["arch"]},
@@ -172,8 +182,9 @@ def main() -> None:
             recipe=recipe, target=target, arch=plan.target_arch[target.name], passing=passing, choice=choice,
             lineage=lineage))
         try:
-            record.setdefault("resolve", {})[target.name] = registry.resolve(
-                name=registry.registered_name(recipe.registry.name, target.backend), arch=plan.target_arch[target.name])
+            record.setdefault("resolve", {})[target.name] = model_registry.resolve(
+                name=model_registry.registered_name(recipe.registry.name, target.backend),
+                arch=plan.target_arch[target.name])
         except LookupError as exc:
             record.setdefault("resolve", {})[target.name] = str(exc)
     record["complete"] = True

@@ -11,21 +11,23 @@ pytestmark = [pytest.mark.gpu,
 
 @pytest.mark.parametrize("fmt", ["fp8", "nvfp4", "int4_awq"])
 def test_cuda_quantization_and_sm_arch_profile(tiny_model_dir, calib_file, fmt):
-    from recipes.schema import TargetSpec
-    from tasks import build, quantize, store
+    from recipes.schema import ReferenceTarget
+    from tasks.host import machine
+    from tasks.profiles import build, profile
+    from tasks.quantization import quantize
 
     q = quantize.quantize(model_dir=str(tiny_model_dir), model_fp="tiny", calibration_file=calib_file,
                           calib_digest="c", fmt=fmt, max_tokens=64, batch_size=4)
     assert Path(q.unified_dir, "hf_quant_config.json").is_file()
-    device = store.local_device()
+    device = machine.local_device()
     major, minor = torch.cuda.get_device_capability(0)
     assert device["arch"] == f"sm_{major}{minor}" and device["gpu_name"]
     art = build.build(model_slug="tiny", checkpoint_dir=q.fakequant_dir, checkpoint_fp=q.fingerprint, fmt=fmt,
-                      quant_algo=q.quant_algo, target=TargetSpec(name="gpu"), device=device)
+                      quant_algo=q.quant_algo, target=ReferenceTarget(name="gpu"), device=device)
     assert art.manifest["target"]["arch"] == device["arch"]
     assert art.manifest["build_options"]["device"] == "cuda"
-    with pytest.raises(build.ArtifactMismatch, match="architecture"):
-        build.verify_artifact(art.path, device=dict(device, arch="sm_80"))
+    with pytest.raises(profile.ArtifactMismatch, match="architecture"):
+        profile.verify_artifact(art.path, device=dict(device, arch="sm_80"))
 
 
 @pytest.mark.parametrize("fmt", ["fp8", "int4_awq"])
@@ -34,7 +36,8 @@ def test_quantizer_state_restores_bit_exactly_on_cuda(tiny_model_dir, tmp_path, 
     import modelopt.torch.quantization as mtq
     from transformers import AutoModelForCausalLM
 
-    from tasks import quant_state, quantize
+    from tasks.models import quant_state
+    from tasks.quantization import quantize
 
     def load():
         return AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.bfloat16, device_map="cuda:0").eval()
@@ -59,8 +62,9 @@ def test_recovery_rungs_train_score_and_build_on_cuda(tiny_model_dir, calib_file
     scale met bf16 weights and broke the build check)."""
     from pydoc_data.topics import topics
 
-    from recipes.schema import AutoQuantizeSpec, QatSpec, TargetSpec
-    from tasks import auto_quantize, build, qat, quantize, store
+    from recipes.schema import AutoQuantizeSpec, QatSpec, ReferenceTarget
+    from tasks.profiles import build
+    from tasks.quantization import auto_quantize, qat, quantize
 
     ptq = quantize.quantize(model_dir=str(tiny_model_dir), model_fp="tiny", calibration_file=calib_file,
                             calib_digest="c", fmt="int4_awq", max_tokens=64, batch_size=4)
@@ -72,8 +76,11 @@ def test_recovery_rungs_train_score_and_build_on_cuda(tiny_model_dir, calib_file
     trained = qat.qat(model_dir=str(tiny_model_dir), model_fp="tiny", ptq=ptq, texts=[list(topics.values())[30][:400]],
                       calib_digest="c", spec=QatSpec(steps=12, lr=1e-4, seq_len=64, batch_size=4))
     assert trained.loss_curve[-1] < 0.5 * trained.loss_curve[0]  # the student moved: its fp32 weights took the steps
-    device = store.local_device()
+    from tasks.host import machine
+
+    device = machine.local_device()
     for art in (aq, trained):
         profile = build.build(model_slug="tiny", checkpoint_dir=art.fakequant_dir, checkpoint_fp=art.fingerprint,
-                              fmt=art.format, quant_algo=art.quant_algo, target=TargetSpec(name="gpu"), device=device)
+                              fmt=art.format, quant_algo=art.quant_algo, target=ReferenceTarget(name="gpu"),
+                              device=device)
         assert profile.manifest["build_options"]["dtype"] == "bfloat16"

@@ -8,7 +8,6 @@ from pathlib import Path
 from typing import Callable
 
 import pytest
-
 from servers import Postgres, Service, clean_env, postgres_bin, start_mlflow_server, start_prefect_server, start_worker
 
 _databases = itertools.count(1)

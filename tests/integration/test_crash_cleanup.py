@@ -27,7 +27,8 @@ env.configure(offline=True)
 from prefect import flow, tags
 
 from flows.cleanup import process_tags
-from registry import mlflow_registry as registry
+from registry import tracking as registry
+from registry import client as registry_client
 
 
 @flow(name="doomed")
@@ -93,11 +94,12 @@ def test_cleanup_marks_the_runs_of_a_killed_process_failed(isolated_home, tmp_pa
 
 
 def check_cleanup(isolated_home: Path, recipe: Path, run_id: str, child_id: str, orphan: int) -> None:
-    from registry import mlflow_registry as registry
+    from registry import client as registry_client
+    from registry import tracking as registry
 
     alive = registry.start_pipeline_run(experiment="crash", run_name="alive", recipe_file=recipe, recipe_digest="0",
                                         params={}, tags={})  # this test's process: still running
-    client = registry.client()
+    client = registry_client.client()
     assert client.get_run(run_id).info.status == "RUNNING"
 
     cleaned = python(isolated_home, "-m", "flows.cli", "cleanup")

@@ -14,7 +14,6 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
-
 from servers import clean_env
 from test_demo_flow import SMALL
 

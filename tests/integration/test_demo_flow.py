@@ -55,8 +55,8 @@ def test_first_run_registers_a_passing_version_with_an_alias(first_run, home):
     assert "MLflow UI" in first_run["stdout"] and "Prefect UI" in first_run["stdout"]
 
     os.environ["ENGINEWRIGHT_HOME"] = str(home)
-    from registry import mlflow_registry as reg
-    answer = reg.resolve(name="smollm2-135m-reference", arch=fp8["arch"])
+    from registry import model_registry
+    answer = model_registry.resolve(name="smollm2-135m-reference", arch=fp8["arch"])
     assert answer["tags"]["quant_format"] == "fp8" and answer["tags"]["gpu_arch"] == fp8["arch"]
     assert answer["tags"]["source_run_id"] == first_run["run_id"]
     assert Path(answer["local_profile"], "manifest.json").is_file()
@@ -85,10 +85,10 @@ def test_changing_a_gate_threshold_reruns_only_gating(first_run, home):
 
 def test_the_champion_is_an_mlflow_model_that_any_host_can_download_and_verify(first_run, home, tmp_path):
     """The registry holds the profile's files: a process with an empty home downloads, verifies and loads them."""
-    from registry import mlflow_registry as reg
+    from registry import model_registry
 
     arch = next(r for r in first_run["rows"] if r["format"] == "fp8")["arch"]
-    alias = reg.alias_for("champion", arch)
+    alias = model_registry.alias_for("champion", arch)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_"))}
     env |= {"ENGINEWRIGHT_HOME": str(tmp_path / "empty-home"),  # nothing of the run's store on this "host"
             "MLFLOW_TRACKING_URI": f"sqlite:///{home / 'mlflow.db'}"}
@@ -148,8 +148,8 @@ def test_reference_latency_does_not_decide_unless_the_recipe_opts_in(first_run, 
     assert fp8["latency"]["concurrency=1"]["host_load"]["samples"] >= 1
 
     os.environ["ENGINEWRIGHT_HOME"] = str(home)
-    from registry import mlflow_registry as reg
-    run = reg.client().get_run(strict["run_id"])
+    from registry import client as registry_client
+    run = registry_client.client().get_run(strict["run_id"])
     assert run.data.tags["latency_decides.local"] == "false"
     assert "not a deployment number" in run.data.tags["latency_note.local"]
 

@@ -30,7 +30,8 @@ def test_targets_fan_out_and_fail_independently(prefect_harness, tiny_model_dir,
     assert result["errors"] == ["target broken: RuntimeError: simulated build failure on this target"]
     statuses = {(r["format"], r["target"]): r["status"] for r in result["rows"]}
     assert statuses[("none", "a")] == statuses[("none", "b")] == "baseline"
-    assert statuses[("fp8", "a")] in ("pass", "fail", "undecided") and statuses[("fp8", "b")] in ("pass", "fail", "undecided")
+    assert (statuses[("fp8", "a")] in ("pass", "fail", "undecided")
+            and statuses[("fp8", "b")] in ("pass", "fail", "undecided"))
     windows = {}
     for s in result["stages"]:
         target = s["subject"].split("@")[-1]

@@ -18,7 +18,6 @@ def shared_home(tmp_path_factory):
 
 def _paragraphs(n: int = 80) -> list[str]:
     import re
-
     from pydoc_data.topics import topics
 
     texts = [" ".join(p.split()) for t in topics.values() for p in re.split(r"\n\s*\n", t)]
@@ -63,7 +62,7 @@ def test_every_calibration_source_runs_through_the_flow_with_mlflow(kind, prefec
     import datasets
 
     from flows.pipeline import certify
-    from registry import mlflow_registry as registry
+    from registry import client as registry_client
 
     monkeypatch.setenv("ENGINEWRIGHT_HOME", str(shared_home))
     calls = []
@@ -84,7 +83,7 @@ def test_every_calibration_source_runs_through_the_flow_with_mlflow(kind, prefec
     assert state.is_completed()
     assert {r["status"] for r in result["rows"]} == {"baseline", "pass"}
 
-    run = registry.client().get_run(result["run_id"])
+    run = registry_client.client().get_run(result["run_id"])
     [dataset_input] = run.inputs.dataset_inputs
     source = json.loads(dataset_input.dataset.source)
     origin = json.loads(run.data.tags["calibration.origin"])
@@ -157,7 +156,7 @@ def _artifacts(flow_run_id) -> list[dict]:
 
 def test_prefect_and_mlflow_point_at_each_other(prefect_harness, shared_home, tiny_model_dir, tmp_path, monkeypatch):
     from flows.pipeline import certify
-    from registry import mlflow_registry as registry
+    from registry import client as registry_client
 
     monkeypatch.setenv("ENGINEWRIGHT_HOME", str(shared_home))
     recipe = _recipe(tmp_path, tiny_model_dir, {"source": "pydoc_topics"}, name="Links Demo")
@@ -180,12 +179,12 @@ def test_prefect_and_mlflow_point_at_each_other(prefect_harness, shared_home, ti
         <= set(artifacts)
     assert result["run_id"] in artifacts["links-demo-mlflow-run"]["data"]
 
-    c = registry.client()
+    c = registry_client.client()
     run = c.get_run(result["run_id"])
     assert run.data.tags["prefect.flow_run_id"] == second_id
     assert run.data.tags["prefect.flow_run_name"] == "recipe 7"
     assert run.data.tags["mlflow.user"] and run.data.tags["mlflow.source.name"].endswith("pipeline.py")
-    assert run.data.tags["mlflow.source.git.commit"] == registry.code_version()
+    assert run.data.tags["mlflow.source.git.commit"] == registry_client.code_version()
 
     children = {r.info.run_name: r for r in c.search_runs(
         [run.info.experiment_id], f"tags.mlflow.parentRunId = '{run.info.run_id}'")}

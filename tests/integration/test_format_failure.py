@@ -8,7 +8,7 @@ pytestmark = pytest.mark.integration
 
 def test_a_failing_format_is_recorded_and_the_others_go_on(prefect_harness, tiny_gpt2, tiny_recipe, monkeypatch):
     from flows.pipeline import certify
-    from tasks import quantize
+    from tasks.quantization import quantize
 
     path = tiny_recipe("gpt2-formats", tiny_gpt2(320), model_name="gpt2-320", registry={"name": "gpt2"},
                          calibration={"source": "pydoc_topics", "samples": 4, "max_tokens": 32},

@@ -8,8 +8,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from recipes.schema import LatencySpec, TargetSpec
-from tasks import benchmark, build, store
+from recipes.schema import LatencySpec, ReferenceTarget
+from tasks.host import machine
+from tasks.profiles import build
+from tasks.validation import latency
 
 pytestmark = pytest.mark.integration
 
@@ -17,7 +19,7 @@ pytestmark = pytest.mark.integration
 @pytest.fixture()
 def profile(tiny_model_dir):
     return build.build(model_slug="tiny", checkpoint_dir=str(tiny_model_dir), checkpoint_fp="base", fmt="none",
-                       quant_algo=None, target=TargetSpec(name="local"), device=store.local_device())
+                       quant_algo=None, target=ReferenceTarget(name="local"), device=machine.local_device())
 
 
 @pytest.fixture()
@@ -31,7 +33,7 @@ def holdout(tmp_path):
 
 def test_server_speaks_openai_streaming_completions(profile, tmp_path):
     from tasks.backends import reference
-    from tasks.backends.server import free_port
+    from tasks.backends.serving import free_port
 
     with reference.serve(profile.path, port=free_port(), log_file=tmp_path / "server.log") as url:
         assert httpx.get(f"{url}/models").json()["data"][0]["object"] == "model"
@@ -41,9 +43,9 @@ def test_server_speaks_openai_streaming_completions(profile, tmp_path):
         with httpx.stream("POST", f"{url}/completions", timeout=60,
                           json={"prompt": "Hello", "max_tokens": 4, "ignore_eos": True, "stream": True,
                                 "stream_options": {"include_usage": True}}) as r:
-            lines = [l for l in r.iter_lines() if l.startswith("data: ")]
+            lines = [line for line in r.iter_lines() if line.startswith("data: ")]
         assert lines[-1] == "data: [DONE]"
-        chunks = [json.loads(l[6:]) for l in lines[:-1]]
+        chunks = [json.loads(line[6:]) for line in lines[:-1]]
         assert sum(1 for c in chunks if c["choices"]) == 4 and chunks[-1]["usage"]["completion_tokens"] == 4
         bad = httpx.post(f"{url}/completions", json={"max_tokens": 3}, timeout=10)
         assert bad.status_code == 400
@@ -52,9 +54,9 @@ def test_server_speaks_openai_streaming_completions(profile, tmp_path):
 def test_metrics_agree_with_a_hand_computation_from_chunk_timestamps(profile, holdout):
     spec = LatencySpec(concurrency=[1, 3], request_rates=[5.0], requests=6, warmup=1, input_tokens=12,
                        output_tokens=6)
-    result = benchmark.measure_latency(profile_dir=profile.path, profile_fp=profile.fingerprint,
+    result = latency.measure_latency(profile_dir=profile.path, profile_fp=profile.fingerprint,
                                        backend_name="reference", spec=spec, holdout_file=holdout,
-                                       holdout_digest="h", device=store.local_device())
+                                       holdout_digest="h", device=machine.local_device())
     assert set(result.summary) >= {"concurrency=1", "concurrency=3", "rate=5"}
     requests = pd.read_parquet(f"{result.path}/requests.parquet")
     for name in ("concurrency=1", "concurrency=3", "rate=5"):
@@ -76,9 +78,9 @@ def test_failed_requests_are_counted_not_crashed():
     import asyncio
 
     async def go():
-        return await benchmark.run_load("http://127.0.0.1:9/v1", "m", [[1, 2]], output_tokens=2, concurrency=1,
+        return await latency.run_load("http://127.0.0.1:9/v1", "m", [[1, 2]], output_tokens=2, concurrency=1,
                                         timeout_s=2)
 
     records, _ = asyncio.run(go())
-    summary = benchmark.summarize(records, 1.0)
+    summary = latency.summarize(records, 1.0)
     assert summary["failed"] == 1 and summary["requests"] == 0 and records[0]["error"]

@@ -17,12 +17,16 @@ REGISTER = """
 import json, os, sys, time
 from pathlib import Path
 start = Path(sys.argv[1])
-from registry import mlflow_registry as reg
-run = reg.client().create_run(reg.experiment_id("races")).info.run_id
+from registry import client as registry_client
+from registry import model_registry
+from registry import tracking as reg
+from registry import client as registry_client
+from registry import model_registry
+run = registry_client.client().create_run(registry_client.experiment_id("races")).info.run_id
 while not start.exists():
     time.sleep(0.01)
-version, created = reg.register_version(name="raced", profile_dir=sys.argv[2], fingerprint="fp-1", run_id=run,
-                                        tags={"quant_format": "fp8"})
+version, created = model_registry.register_version(name="raced", profile_dir=sys.argv[2], fingerprint="fp-1",
+                                                   run_id=run, tags={"quant_format": "fp8"})
 print(json.dumps({"version": version, "created": created}))
 """
 
@@ -45,7 +49,7 @@ def test_twenty_concurrent_registrations_of_one_fingerprint_make_one_version(tmp
     start = tmp_path / "go"
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_"))}
     env |= {"MLFLOW_TRACKING_URI": tracking, "PYTHONPATH": str(ROOT)}
-    subprocess.run([sys.executable, "-c", "from registry import mlflow_registry as r; r.client()"], env=env | {
+    subprocess.run([sys.executable, "-c", "from registry import client as r; r.client()"], env=env | {
         "ENGINEWRIGHT_HOME": str(tmp_path / "h0")}, check=True, cwd=ROOT)  # schema created once, before the race
     procs = [subprocess.Popen([sys.executable, "-c", REGISTER, str(start), str(profile)], cwd=ROOT,
                               env=env | {"ENGINEWRIGHT_HOME": str(tmp_path / f"h{i % hosts}")},
@@ -59,9 +63,9 @@ def test_twenty_concurrent_registrations_of_one_fingerprint_make_one_version(tmp
         answers.append(json.loads(out.strip().splitlines()[-1]))
     os.environ["MLFLOW_TRACKING_URI"] = tracking
     try:
-        from registry import mlflow_registry as reg
+        from registry import model_registry
 
-        versions = reg.find_versions("name='raced'")
+        versions = model_registry.find_versions("name='raced'")
     finally:
         del os.environ["MLFLOW_TRACKING_URI"]
     assert len(versions) == 1, versions

@@ -12,9 +12,9 @@ def trained_model_dir(tiny_model_dir, tmp_path_factory):
     """The tiny Llama trained for a few hundred steps on pydoc text: a random-init model predicts near-uniformly, so
     INT4 barely moves its perplexity; a trained one loses measurably (what a PTQ accuracy failure looks like)."""
     import shutil
+    from pydoc_data.topics import topics
 
     import torch
-    from pydoc_data.topics import topics
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     out = tmp_path_factory.mktemp("trained-llama")
@@ -34,10 +34,10 @@ def trained_model_dir(tiny_model_dir, tmp_path_factory):
     return out
 
 
-def test_recovery_rungs_run_after_an_accuracy_failure_go_through_gates_and_are_cached(prefect_harness, trained_model_dir,
-                                                                                      tmp_path):
+def test_recovery_rungs_run_after_an_accuracy_failure_go_through_gates_and_are_cached(
+        prefect_harness, trained_model_dir, tmp_path):
     from flows.pipeline import certify
-    from registry import mlflow_registry as reg
+    from registry import client as registry_client
 
     recipe = {
         "name": "recover", "model": {"source": "hf_dir", "path": str(trained_model_dir), "name": "tiny"},
@@ -67,7 +67,7 @@ def test_recovery_rungs_run_after_an_accuracy_failure_go_through_gates_and_are_c
         assert row["recovery"]["recovered_from"] == "int4_awq"
     assert rows["auto_quantize"]["recovery"]["config"]["effective_bits_budget"] == 9.0
     assert len(rows["int4_awq+qat"]["recovery"]["loss_curve"]) == 3
-    history = reg.client().get_metric_history(rows["int4_awq+qat"]["run_id"], "qat.kl_loss")
+    history = registry_client.client().get_metric_history(rows["int4_awq+qat"]["run_id"], "qat.kl_loss")
     assert [m.step for m in history] == [0, 1, 2]
     assert [s["subject"] for s in first["stages"] if s["stage"] == "recover"] == ["auto_quantize@local",
                                                                                 "int4_awq+qat@local"]

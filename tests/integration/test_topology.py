@@ -1,7 +1,8 @@
 """The production topology on loopback, without Docker: a real Prefect server and a real MLflow server, both on
 PostgreSQL as in docker-compose.yml (fixtures in conftest.py), a process worker on the `cpu` pool, the deployments
 from prefect.yaml, and the CI webhook receiver. A signed webhook for the demo model runs the certify flow on the real
-small model (small limits) and the new registry version is found through the MLflow server. Also: the compose file validates with `docker-compose config`.
+small model (small limits) and the new registry version is found through the MLflow server. Also: the compose file
+validates with `docker-compose config`.
 """
 
 from __future__ import annotations
@@ -19,7 +20,6 @@ from types import SimpleNamespace
 import httpx
 import pytest
 import yaml
-
 from servers import ROOT, Service, clean_env, free_port
 from test_demo_flow import SMALL  # the same small limits as the demo flow test (~1-2 min on 2 CPU cores)
 

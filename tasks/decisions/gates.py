@@ -1,0 +1,186 @@
+"""Gates: decide from the numbers, with their uncertainty, whether a candidate may be promoted.
+
+Accuracy gates compare candidate and baseline on the same items (paired bootstrap over items):
+  - pass       when the one-sided upper confidence bound of the degradation is within the tolerance;
+  - fail       when the bound exceeds the tolerance and the items resolve it;
+  - undecided  when the interval is wider than the tolerance itself (too few items to decide at that tolerance).
+Degradation is the relative word-perplexity increase for perplexity tasks, the absolute score drop otherwise.
+Latency gates are SLOs on percentiles and a minimum speedup over the baseline on the same target. They decide only
+where the speed is a deployment number (the backend says so) or the recipe opts in
+(`gates.latency.on_reference_runtime`); elsewhere they are computed and reported with `decides=False`.
+A candidate passes when every gate passes; any failure fails it; otherwise any undecided gate leaves it undecided.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, replace
+
+import numpy as np
+import pandas as pd
+
+from recipes.schema import GatesSpec
+
+
+@dataclass(frozen=True)
+class GateVerdict:
+    gate: str
+    baseline: float | None
+    candidate: float | None
+    value: float | None  # the gated quantity: degradation, percentile, or speedup
+    bound: float | None  # one-sided upper bound of the degradation (accuracy gates)
+    threshold: float
+    n: int | None
+    verdict: str  # pass | fail | undecided
+    reason: str
+    decides: bool = True  # False: reported only (latency measured on a runtime whose speed is not a deployment's)
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Decision:
+    status: str  # pass | fail | undecided
+    verdicts: list[GateVerdict]
+
+    @property
+    def passed(self) -> bool:
+        return self.status == "pass"
+
+    @property
+    def reason(self) -> str:
+        bad = [v for v in self.verdicts if v.verdict != "pass" and v.decides]
+        return "; ".join(f"{v.gate}: {v.reason}" for v in bad) or "all gates passed"
+
+
+def _paired(baseline: pd.DataFrame, candidate: pd.DataFrame, task: str) -> pd.DataFrame:
+    b = baseline[baseline.task == task].set_index("doc_id")
+    c = candidate[candidate.task == task].set_index("doc_id")
+    return b.join(c, lsuffix="_b", rsuffix="_c", how="inner")
+
+
+def degradation_samples(pairs: pd.DataFrame, kind: str, *, resamples: int, seed: int) -> tuple[float, np.ndarray]:
+    """Point estimate and bootstrap distribution of the degradation over resampled item indices."""
+    n = len(pairs)
+    idx = np.random.default_rng(seed).integers(0, n, size=(resamples, n))
+    if kind == "perplexity":
+        ll_b, ll_c, words = (pairs[c].to_numpy(float) for c in ("loglikelihood_b", "loglikelihood_c", "words_b"))
+        point = float(np.expm1((ll_b.sum() - ll_c.sum()) / words.sum()))
+        boot = np.expm1((ll_b[idx].sum(1) - ll_c[idx].sum(1)) / words[idx].sum(1))
+    else:
+        diff = pairs["score_b"].to_numpy(float) - pairs["score_c"].to_numpy(float)
+        point = float(diff.mean())
+        boot = diff[idx].mean(1)
+    return point, boot
+
+
+def accuracy_verdict(task: str, pairs: pd.DataFrame, *, tolerance: float, kind: str, confidence: float,
+                     resamples: int, seed: int = 0) -> GateVerdict:
+    n = len(pairs)
+    label = "relative perplexity increase" if kind == "perplexity" else "score drop"
+    if n < 2:
+        return GateVerdict(task, None, None, None, None, tolerance, n, "undecided", f"only {n} paired item(s)")
+    point, boot = degradation_samples(pairs, kind, resamples=resamples, seed=seed)
+    upper = float(np.quantile(boot, confidence))
+    lower = float(np.quantile(boot, 1 - confidence))
+    if kind == "perplexity":
+        base = float(np.exp(-pairs["loglikelihood_b"].sum() / pairs["words_b"].sum()))
+        cand = float(np.exp(-pairs["loglikelihood_c"].sum() / pairs["words_b"].sum()))
+    else:
+        base, cand = float(pairs["score_b"].mean()), float(pairs["score_c"].mean())
+    stated = f"{label} {point:+.4f}, {confidence:.0%} upper bound {upper:+.4f}, tolerance {tolerance:.4f}, n={n}"
+    if upper <= tolerance:
+        verdict, reason = "pass", f"{stated}: bound within tolerance"
+    elif lower > tolerance:
+        verdict, reason = "fail", f"{stated}: degradation exceeds tolerance even at the lower bound {lower:+.4f}"
+    elif upper - point > tolerance:
+        verdict, reason = "undecided", (f"{stated}: {n} items cannot resolve a tolerance of {tolerance:.4f} "
+                                        f"(interval half-width {upper - point:.4f}); raise evaluation.limit")
+    else:
+        verdict, reason = "fail", f"{stated}: bound exceeds tolerance"
+    return GateVerdict(task, base, cand, point, upper, tolerance, n, verdict, reason)
+
+
+def accuracy_verdicts(baseline_items: pd.DataFrame, candidate_items: pd.DataFrame,
+                      gates: GatesSpec) -> list[GateVerdict]:
+    verdicts = []
+    for task, gate in gates.accuracy.tasks.items():
+        kind = "perplexity" if gate.max_relative_increase is not None else "score"
+        tolerance = gate.max_relative_increase if kind == "perplexity" else gate.max_drop
+        pairs = _paired(baseline_items, candidate_items, task)
+        verdicts.append(accuracy_verdict(task, pairs, tolerance=tolerance, kind=kind,
+                                         confidence=gates.accuracy.confidence, resamples=gates.accuracy.bootstrap))
+    return verdicts
+
+
+def latency_verdicts(baseline: dict, candidate: dict, gates: GatesSpec) -> list[GateVerdict]:
+    verdicts = []
+    slos = {"ttft_p95_ms": "ttft_ms_p95", "tpot_p95_ms": "tpot_ms_p95"}
+    for gate_name, key in slos.items():
+        limit = getattr(gates.latency, gate_name)
+        if limit is None:
+            continue
+        value = candidate.get(key)
+        ok = value is not None and value <= limit
+        verdicts.append(GateVerdict(gate_name, baseline.get(key), value, value, None, limit, candidate.get("requests"),
+                                    "pass" if ok else "fail", f"{key} {_ms(value)} vs SLO {limit:.1f} ms"))
+    if gates.latency.min_speedup is not None:
+        b, c = baseline.get("output_tokens_per_s"), candidate.get("output_tokens_per_s")
+        speedup = c / b if b and c else None
+        ok = speedup is not None and speedup >= gates.latency.min_speedup
+        verdicts.append(GateVerdict("min_speedup", b, c, speedup, None, gates.latency.min_speedup,
+                                    candidate.get("requests"), "pass" if ok else "fail",
+                                    f"output tokens/s {_num(c)} vs baseline {_num(b)}: speedup "
+                                    f"{'not measured' if speedup is None else f'{speedup:.2f}x'}, "
+                                    f"minimum {gates.latency.min_speedup:.2f}x"))
+    return verdicts
+
+
+def _num(value) -> str:
+    return "not measured (no request succeeded)" if value is None else f"{value:.1f}"
+
+
+def _ms(value) -> str:
+    return "not measured (no request succeeded)" if value is None else f"{value:.1f} ms"
+
+
+def latency_note(backend, gates: GatesSpec) -> str | None:
+    """Why latency may not decide on a target of this backend, or None when it may (the backend declares whether
+    its speed is a deployment number: `SPEED_IS_DEPLOYMENT`, `SPEED_LABEL`)."""
+    if backend.SPEED_IS_DEPLOYMENT or gates.latency.on_reference_runtime:
+        return None
+    return (f"{backend.SPEED_LABEL}; measured and reported, not gated or ranked "
+            "(gates.latency.on_reference_runtime: true lets it decide)")
+
+
+def accuracy_failed(decision: Decision) -> bool:
+    """A PTQ rung whose accuracy gate (not latency) failed: the trigger for recovery."""
+    return any(v.bound is not None and v.verdict == "fail" and v.decides for v in decision.verdicts)
+
+
+def latency_tags(note: str | None, summary: dict) -> dict:
+    """What a run or registry version records about its latency numbers: whether they decide, the conditions they
+    were measured under, and the host's load then (compared before two versions' speeds are)."""
+    host = summary.get("host_load") or {}
+    return {"latency_decides": "false" if note else "true", "latency_note": note or "deployment runtime",
+            "latency_reliable": str(summary.get("host_reliable")).lower(),
+            "latency_conditions": summary.get("conditions"), "latency_host_load": host.get("note", "not recorded")}
+
+
+def decide(verdicts: list[GateVerdict]) -> Decision:
+    states = {v.verdict for v in verdicts if v.decides}
+    status = "fail" if "fail" in states else "undecided" if "undecided" in states else "pass"
+    return Decision(status, verdicts)
+
+
+def gate(*, baseline_items_file: str, candidate_items_file: str, baseline_latency: dict, candidate_latency: dict,
+         gates: GatesSpec, latency_note: str | None = None) -> Decision:
+    """All of a candidate's gate verdicts and the combined decision. Cheap; never cached.
+
+    latency_note: why latency may not decide here (see :func:`latency_note`); its verdicts are then reported only.
+    """
+    base, cand = pd.read_parquet(baseline_items_file), pd.read_parquet(candidate_items_file)
+    latency = latency_verdicts(baseline_latency, candidate_latency, gates)
+    if latency_note:
+        latency = [replace(v, decides=False, reason=f"{v.reason} (not deciding: {latency_note})") for v in latency]
+    return decide(accuracy_verdicts(base, cand, gates) + latency)

@@ -1,0 +1,85 @@
+"""The command line as scripts use it: help text, exit codes, data on stdout and messages on stderr."""
+
+import json
+
+from typer.testing import CliRunner
+
+from flows.cli import app
+from registry import client as registry_client
+from registry import model_registry
+
+runner = CliRunner(env={"COLUMNS": "200"})
+
+
+def test_help_examples_survive_the_help_formatter():
+    shown = runner.invoke(app, ["validate", "--help"])
+    assert shown.exit_code == 0 and "--set quantization.formats=[fp8]" in shown.stdout
+
+
+def _champion(tmp_path, name="cli-model", arch="sm_90"):
+    profile = tmp_path / "profile"
+    profile.mkdir(exist_ok=True)
+    (profile / "runtime.yaml").write_text("backend: reference\n")
+    run = registry_client.client().create_run(registry_client.experiment_id("cli")).info.run_id
+    v, _ = model_registry.register_version(name=name, profile_dir=str(profile), fingerprint=f"fp-{arch}", run_id=run,
+                                tags={"quant_format": "fp8", "gpu_arch": arch,
+                                      "arch_slug": model_registry.arch_slug(arch)})
+    model_registry.promote(name=name, version=v, alias=model_registry.alias_for("champion", arch),
+                           challenger_alias="challenger-x")
+    return v
+
+
+def test_resolve_unknown_gpu_is_a_clear_bad_input_not_a_traceback(tmp_path):
+    _champion(tmp_path)
+    out = runner.invoke(app, ["resolve", "cli-model", "--gpu", "H900"])
+    assert out.exit_code == 2 and "Traceback" not in out.output
+    assert out.stdout == "" and "unknown GPU 'H900'" in out.stderr and "H100" in out.stderr
+
+
+def test_resolve_unknown_model_is_not_reported_as_a_missing_alias(tmp_path):
+    _champion(tmp_path)
+    out = runner.invoke(app, ["resolve", "no-such-model", "--gpu", "H100"])
+    assert out.exit_code == 2 and out.stdout == ""
+    assert "no registered model 'no-such-model'" in out.stderr and "cli-model" in out.stderr
+    assert "alias" not in out.stderr
+
+
+def test_resolve_not_certified_keeps_stdout_clean_for_jq(tmp_path):
+    _champion(tmp_path)
+    out = runner.invoke(app, ["resolve", "cli-model", "--gpu", "A100"])
+    assert out.exit_code == 4 and out.stdout == ""
+    assert "champion-sm80" in out.stderr and "champion-sm90" in out.stderr  # what it has instead
+
+
+def test_resolve_accepts_the_arch_in_the_tag_and_the_alias_spelling(tmp_path):
+    v = _champion(tmp_path, arch="cpu-x86_64")
+    for gpu in ("cpu-x86_64", "cpu-x86-64"):
+        out = runner.invoke(app, ["resolve", "cli-model", "--gpu", gpu])
+        answer = json.loads(out.stdout)
+        assert out.exit_code == 0 and answer["version"] == v and answer["alias"] == "champion-cpu-x86-64"
+        assert answer["alias"] == f"champion-{answer['tags']['arch_slug']}"
+    _champion(tmp_path, name="gpu-model", arch="sm_90")
+    assert json.loads(
+        runner.invoke(app, ["resolve", "gpu-model", "--gpu", "sm90"]).stdout)["tags"]["gpu_arch"] == "sm_90"
+
+
+def test_version_and_the_environment_each_command_reads():
+    shown = runner.invoke(app, ["--version"])
+    assert shown.exit_code == 0 and shown.stdout.startswith("enginewright ")
+    run_help = runner.invoke(app, ["run", "--help"]).stdout
+    for name in ("ENGINEWRIGHT_HOME", "MLFLOW_TRACKING_URI", "PREFECT_API_URL", "Exit codes", "4 nothing certified"):
+        assert name in run_help, name
+    assert "MLFLOW_TRACKING_URI" in runner.invoke(app, ["resolve", "--help"]).stdout
+
+
+def test_validate_json_is_data_on_stdout_and_problems_are_listed(tmp_path):
+    from pathlib import Path
+
+    demo = Path(__file__).resolve().parents[3] / "recipes" / "demo.yaml"
+    ok = runner.invoke(app, ["validate", str(demo), "--json"])
+    assert ok.exit_code == 0 and json.loads(ok.stdout)["valid"] is True
+    bad = runner.invoke(app, ["validate", str(demo), "--json", "--set", "quantization.formats=[fp7_magic]",
+                              "--set", "targets.0.tp=4"])
+    answer = json.loads(bad.stdout)
+    assert bad.exit_code == 2 and answer["valid"] is False and "recipe error" in bad.stderr
+    assert any("fp7_magic" in p for p in answer["problems"]) and any("tp=4" in p for p in answer["problems"])

@@ -1,0 +1,146 @@
+"""Registry behaviour against a real MLflow SQLite store (no server)."""
+
+import pytest
+
+from registry import client as registry_client
+from registry import model_registry
+
+
+def _register(tmp_path, name, fmt, arch, degradation, fp):
+    profile = tmp_path / fp
+    profile.mkdir(exist_ok=True)
+    (profile / "runtime.yaml").write_text(f"profile: {fp}\n")
+    exp = registry_client.experiment_id("test")
+    run = registry_client.client().create_run(exp).info.run_id
+    return model_registry.register_version(name=name, profile_dir=str(profile), fingerprint=fp, run_id=run,
+                                tags={"quant_format": fmt, "gpu_arch": arch, "accuracy_degradation": degradation})
+
+
+def test_alias_moves_only_to_a_better_version_and_registration_is_idempotent(tmp_path):
+    v1, new = _register(tmp_path, "m", "fp8", "sm_90", 0.03, "a")
+    assert new
+    assert model_registry.promote(name="m", version=v1, alias="champion-sm90",
+                                  challenger_alias="challenger-sm90")["action"] == "moved"
+    assert _register(tmp_path, "m", "fp8", "sm_90", 0.03, "a") == (v1, False)  # same artifact, same version
+    v2, _ = _register(tmp_path, "m", "fp8", "sm_90", 0.05, "b")  # same format, worse accuracy
+    out = model_registry.promote(name="m", version=v2, alias="champion-sm90", challenger_alias="challenger-sm90")
+    assert out["action"] == "challenger" and model_registry.resolve(name="m", arch="sm_90")["version"] == v1
+    v3, _ = _register(tmp_path, "m", "int4_awq", "sm_90", 0.06, "c")  # cheaper format that passed
+    assert model_registry.promote(name="m", version=v3, alias="champion-sm90",
+                                  challenger_alias="challenger-sm90")["action"] == "moved"
+    assert model_registry.resolve(name="m", arch="sm_90")["version"] == v3
+
+
+def test_resolve_answers_per_architecture(tmp_path):
+    for arch, fp in (("sm_90", "h"), ("sm_80", "a"), ("sm_100", "b")):
+        v, _ = _register(tmp_path, "multi", "fp8" if arch != "sm_80" else "int4_awq", arch, 0.01, fp)
+        model_registry.promote(name="multi", version=v, alias=model_registry.alias_for("champion", arch),
+                               challenger_alias="x")
+    answers = {arch: model_registry.resolve(name="multi", arch=arch) for arch in ("sm_90", "sm_80", "sm_100")}
+    assert [a["tags"]["gpu_arch"] for a in answers.values()] == ["sm_90", "sm_80", "sm_100"]
+    assert (answers["sm_80"]["version_uri"] == "models:/multi/2"
+            and answers["sm_80"]["model_uri"] == "models:/multi@champion-sm80")
+    with pytest.raises(LookupError, match="nothing is certified for sm_89"):
+        model_registry.resolve(name="multi", arch="sm_89")
+    found = model_registry.find_versions("name='multi' and tags.gpu_arch LIKE 'sm_1%'")
+    assert [f["tags"]["gpu_arch"] for f in found] == ["sm_100"]
+
+
+def test_resolve_command_answers_for_a_gpu_name(tmp_path):
+    import json
+
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+
+    v, _ = _register(tmp_path, "cli-model", "fp8", "sm_90", 0.01, "h")
+    model_registry.promote(name="cli-model", version=v, alias="champion-sm90", challenger_alias="challenger-sm90")
+    runner = CliRunner()
+    result = runner.invoke(app, ["resolve", "cli-model", "--gpu", "H100"])
+    assert result.exit_code == 0, result.output
+    answer = json.loads(result.output[result.output.index("{"):])
+    assert answer["alias"] == "champion-sm90" and answer["tags"]["gpu_arch"] == "sm_90"
+    missing = runner.invoke(app, ["resolve", "cli-model", "--gpu", "A100"])
+    assert missing.exit_code == 4 and "champion-sm80" in missing.output
+    refused = runner.invoke(app, ["resolve", "cli-model", "--gpu", "H100", "--verify"])
+    assert refused.exit_code == 3 and "no manifest.json" in refused.output  # registered dir is not a complete profile
+
+
+def test_resolve_by_gpu_name_prefers_a_version_built_on_that_gpu(tmp_path):
+    """H100 and H20 are both sm_90 but differ in memory and SM count: --gpu H20 prefers an H20-built version."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+
+    def register(fp, gpu, fmt="fp8", degradation=0.01):
+        profile = tmp_path / fp
+        profile.mkdir()
+        (profile / "runtime.yaml").write_text(f"profile: {fp}\n")
+        run = registry_client.client().create_run(registry_client.experiment_id("test")).info.run_id
+        return model_registry.register_version(name="fleet", profile_dir=str(profile), fingerprint=fp, run_id=run,
+                                    tags={"quant_format": fmt, "gpu_arch": "sm_90", "gpu_name": gpu, "tp_size": 1,
+                                          "accuracy_degradation": degradation})[0]
+
+    h100 = register("h100", "NVIDIA H100 80GB HBM3", "int4_awq")
+    model_registry.promote(name="fleet", version=h100, alias="champion-sm90", challenger_alias="challenger-sm90")
+    h20 = register("h20", "NVIDIA H20")
+    assert model_registry.promote(name="fleet", version=h20, alias="champion-sm90",
+                       challenger_alias="challenger-sm90")["action"] == "challenger"
+    register("h200", "NVIDIA H200", degradation=0.02)
+
+    assert model_registry.resolve(name="fleet", arch="sm_90")["version"] == h100  # arch-level: the champion
+    by_h20 = model_registry.resolve(name="fleet", arch="sm_90", gpu_name="H20")
+    assert (by_h20["version"], by_h20["matched"]) == (h20, "gpu_name")
+    assert model_registry.resolve(name="fleet", arch="sm_90", gpu_name="H100")["matched"] == "gpu_name"
+    # nothing built on one: the arch's champion
+    gh200 = model_registry.resolve(name="fleet", arch="sm_90", gpu_name="GH200")
+    assert (gh200["version"], gh200["matched"]) == (h100, "arch")
+
+    result = CliRunner().invoke(app, ["resolve", "fleet", "--gpu", "H20"])
+    assert result.exit_code == 0, result.output
+    answer = json.loads(result.output[result.output.index("{"):])
+    assert answer["version"] == h20 and answer["tags"]["gpu_name"] == "NVIDIA H20"
+    answer = json.loads((r := CliRunner().invoke(app, ["resolve", "fleet", "--gpu", "sm_90"])).output[
+        r.output.index("{"):])
+    assert answer["version"] == h100 and answer["matched"] == "arch"
+
+
+def test_a_registered_version_holds_the_files_and_a_tampered_download_is_refused(tmp_path):
+    """The version's files live in MLflow's artifact store: a download verifies them; one flipped byte is named."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+    from tasks import store
+
+    profile = tmp_path / "built"
+    with store.atomic_dir(profile) as tmp:
+        (tmp / "checkpoint").mkdir()
+        (tmp / "checkpoint" / "model.safetensors").write_bytes(bytes(range(256)) * 8)
+        store.write_manifest(tmp, {"key": "k", "backend": "reference"})
+    run = registry_client.client().create_run(registry_client.experiment_id("test")).info.run_id
+    v, _ = model_registry.register_version(name="held", profile_dir=str(profile), fingerprint="fp-held", run_id=run,
+                                tags={"quant_format": "fp8", "gpu_arch": "sm_90"}, description="what was certified")
+    model_registry.promote(name="held", version=v, alias="champion-sm90", challenger_alias="challenger-sm90")
+    assert registry_client.client().get_model_version("held", v).description == "what was certified"
+    runner = CliRunner()
+    dest = tmp_path / "fetched"
+    ok = runner.invoke(app, ["resolve", "held", "--gpu", "H100", "--download", str(dest)])
+    assert ok.exit_code == 0, ok.output
+    answer = json.loads(ok.stdout[ok.stdout.index("{"):])
+    weights = dest / "artifacts" / "profile" / "checkpoint" / "model.safetensors"
+    assert answer["profile_dir"] == str(weights.parents[1]) and answer["files_checked"] == "sha256"
+    assert weights.read_bytes() == (profile / "checkpoint" / "model.safetensors").read_bytes()
+    data = bytearray(weights.read_bytes())
+    data[100] ^= 1
+    weights.write_bytes(bytes(data))
+    refused = runner.invoke(app, ["resolve", "held", "--gpu", "H100", "--download", str(dest)])
+    assert refused.exit_code == 3 and "checkpoint/model.safetensors: sha256" in refused.output
+    fast = runner.invoke(app, ["resolve", "held", "--gpu", "H100", "--download", str(dest), "--fast"])
+    assert fast.exit_code == 0 and json.loads(fast.stdout[fast.stdout.index("{"):])["files_checked"] == "sizes"
+    weights.unlink()
+    gone = runner.invoke(app, ["resolve", "held", "--gpu", "H100", "--download", str(dest), "--fast"])
+    assert gone.exit_code == 3 and "checkpoint/model.safetensors: missing" in gone.output
