@@ -52,9 +52,10 @@ def main(argv: list[str]) -> dict:
         from registry import model_registry
 
         run = registry_client.client().create_run(registry_client.experiment_id("trust-cost")).info.run_id
+        name = f"trust-cost-{int(time.time())}"  # a new model each time: the upload is measured, not deduplicated
         (version, _), record["register_upload_s"] = _timed(lambda: model_registry.register_version(
-            name="trust-cost", profile_dir=str(profile), fingerprint=f"bench-{time.time()}", run_id=run, tags={}))
-        _, record["download_verify_s"] = _timed(lambda: model_registry.download("trust-cost", version,
+            name=name, profile_dir=str(profile), fingerprint=manifest["content_hash"], run_id=run, tags={}))
+        _, record["download_verify_s"] = _timed(lambda: model_registry.download(name, version,
                                                                           Path(scratch) / "fetched"))
         record["tracking_uri"] = registry_client.tracking_uri()
     print(json.dumps(record, indent=2))

@@ -12,9 +12,10 @@ import mlflow
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
+from registry.anchor import FingerprintMismatch, check_fingerprint, recorded_fingerprint
 from registry.client import already_exists, client, tracking_uri
 from tasks import store
-from tasks.base.errors import BadInput, NotCertified
+from tasks.base.errors import BadInput, NotCertified, Refused
 from tasks.host import machine
 
 
@@ -39,6 +40,10 @@ def register_version(*, name: str, profile_dir: str, fingerprint: str, run_id: s
     the run's artifact store, so any host can fetch ``models:/NAME/VERSION``). Idempotent by artifact fingerprint,
     also across processes and hosts: a version already holding this fingerprint is returned, and when two
     registrations race, the lowest version wins and the others are deleted. Returns (version, newly_created)."""
+    built = store.read_manifest(Path(profile_dir))
+    if built is not None and built.get("content_hash") != fingerprint:
+        raise FingerprintMismatch(f"{profile_dir}: registering it with fingerprint {fingerprint}, but its manifest's "
+                                  f"content_hash is {built.get('content_hash')}: a download could never be trusted")
     c = client()
     with store.lock(store.home() / "locks" / f"register-{store.key_of(name, fingerprint)[:24]}"):  # this host
         _ensure_registered_model(c, name)
@@ -90,14 +95,16 @@ def _log_profile_model(run_id: str, profile_dir: str) -> str:
 
 def download(name: str, version: str, dest: Path, *, full: bool = True, sizes_only: bool = False) -> Path:
     """Fetch a version's files into ``dest`` (kept when it already holds them) and verify them; returns the profile
-    directory. Raises store.ArtifactDamaged naming each file that differs."""
+    directory. The manifest must carry the fingerprint the registry recorded for the version (FingerprintMismatch,
+    exit 3, naming both), then every file must match the manifest (store.ArtifactDamaged naming each file)."""
     from registry.pyfunc_model import PROFILE
 
     dest = Path(dest)
     profile = dest / "artifacts" / PROFILE
+    recorded = recorded_fingerprint(name, version)  # from the tracking store, before anything is fetched
     if store.read_manifest(profile) is None:
-        client()
         mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{version}", dst_path=str(dest))
+    check_fingerprint(profile, recorded, what=f"{name} v{version}")
     store.check(profile, full=full, sizes_only=sizes_only)
     return profile
 
@@ -171,8 +178,10 @@ def resolve(*, name: str, arch: str, prefix: str = "champion", tp: int = 1, gpu_
             if same_gpu:
                 version, matched = max(same_gpu, key=lambda v: int(v.version)), "gpu_name"
     local = version.tags.get("profile_path")  # this host's build, only if it is the very artifact registered
-    if not (local and (store.read_manifest(Path(local)) or {}).get("content_hash")
-            == version.tags.get("artifact_fingerprint")):
+    try:
+        if local:
+            check_fingerprint(Path(local), version.tags.get("artifact_fingerprint"), what="")
+    except Refused:
         local = None
     return {"name": name, "version": str(version.version), "alias": alias, "matched": matched,
             "model_uri": f"models:/{name}@{alias}" if version is champion else f"models:/{name}/{version.version}",

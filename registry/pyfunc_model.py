@@ -1,9 +1,11 @@
 """A certified profile as an MLflow model: `mlflow.pyfunc.load_model("models:/NAME@champion-sm90")` loads it.
 
 The profile's files travel as the model's artifacts (``artifacts/profile/``) in MLflow's artifact store, so any host
-can fetch them by the version's ``models:/`` URI. Loading verifies every file against the profile's manifest and
-refuses another architecture or toolchain before a single weight is read; ``predict`` generates with the profile's
-backend (the reference backend on CPU or CUDA; TensorRT-LLM profiles are served with trtllm-serve).
+can fetch them by the version's ``models:/`` URI. Loading first compares the profile manifest's fingerprint with the
+version's `artifact_fingerprint` tag in the tracking store (refused, naming both, when they differ), then verifies
+every file against the profile's manifest and refuses another architecture or toolchain before a single weight is
+read; ``predict`` generates with the profile's backend (the reference backend on CPU or CUDA; TensorRT-LLM profiles
+are served with trtllm-serve).
 """
 
 from __future__ import annotations
@@ -24,10 +26,15 @@ class CertifiedProfile(mlflow.pyfunc.PythonModel):
     """Prompts in, greedy completions out, computed by the certified profile itself."""
 
     def load_context(self, context) -> None:
+        from registry.anchor import check_fingerprint, fingerprint_of_logged_model
         from tasks.backends import get as backend
         from tasks.profiles.profile import verify_artifact
 
         profile = Path(context.artifacts[PROFILE])
+        # The registry is the trust anchor: the version's fingerprint comes from the tracking store (found by the
+        # run and logged model this model directory names), not from anything in the artifact store.
+        version, recorded = fingerprint_of_logged_model(profile.parents[1])
+        check_fingerprint(profile, recorded, what=version)
         manifest = verify_artifact(profile)  # digests, architecture, toolchain: refused with what differs
         impl = backend(manifest["backend"])
         if not hasattr(impl, "generator"):

@@ -15,6 +15,7 @@ from tasks.store.artifacts import (
                                    atomic_dir,
                                    check,
                                    claim,
+                                   fingerprint_of,
                                    link_or_copy,
                                    link_or_copy_tree,
                                    lock,
@@ -33,7 +34,8 @@ from tasks.store.keys import fingerprint_dir, key_of, package_digest, source_dig
 from tasks.store.paths import MANIFEST, home, stage_dir
 
 __all__ = ["MANIFEST", "ArtifactDamaged", "HashingWriter", "Remote", "artifact_root", "atomic_dir", "cached_sha256",
-           "check", "claim", "digest_files", "fingerprint_dir", "home", "key_of", "link_or_copy", "link_or_copy_tree",
+           "check", "claim", "digest_files", "fingerprint_dir", "fingerprint_of", "home", "key_of", "link_or_copy",
+           "link_or_copy_tree",
            "lock", "manifest_records_under", "package_digest", "read_manifest", "remember", "reuse", "reuse_or_make",
            "set_remote",
            "sha256_file", "source_digest", "source_dir_digest", "stage_dir", "sweep_temporaries",

@@ -118,13 +118,21 @@ def write_manifest(directory: Path, manifest: dict, *, files: dict[str, dict] | 
     todo = [p for p in paths if rels[p] not in known and rels[p] not in (MANIFEST, MANIFEST + ".tmp")]
     known |= {rels[p]: meta for p, meta in digest_files(todo).items()}
     records = {rel: known[rel] for rel in sorted(known) if (directory / rel).is_file()}
-    stable = {rel: meta["sha256"] for rel, meta in records.items() if rel not in volatile}
-    manifest = {**manifest, "files": records, "volatile": list(volatile),
-                "content_hash": key_of(manifest.get("key"), stable)}
+    manifest = {**manifest, "files": records, "volatile": list(volatile)}
+    manifest["content_hash"] = fingerprint_of(manifest)
     tmp = directory / (MANIFEST + ".tmp")
     tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True, default=str))
     os.replace(tmp, directory / MANIFEST)
     return manifest
+
+
+def fingerprint_of(manifest: dict) -> str:
+    """The fingerprint a manifest's own records imply: its ``key`` hashed with the digests of its deterministic files
+    (what :func:`write_manifest` stores as ``content_hash``). A manifest whose digests were edited but whose
+    ``content_hash`` was not no longer hashes to it."""
+    volatile = set(manifest.get("volatile") or ())
+    stable = {rel: meta["sha256"] for rel, meta in (manifest.get("files") or {}).items() if rel not in volatile}
+    return key_of(manifest.get("key"), stable)
 
 
 def verify(directory: Path, *, full: bool = False, sizes_only: bool = False) -> list[str]:

@@ -2,8 +2,8 @@
 
 import pytest
 
+from registry import anchor, model_registry
 from registry import client as registry_client
-from registry import model_registry
 
 
 def _register(tmp_path, name, fmt, arch, degradation, fp):
@@ -122,7 +122,8 @@ def test_a_registered_version_holds_the_files_and_a_tampered_download_is_refused
         (tmp / "checkpoint" / "model.safetensors").write_bytes(bytes(range(256)) * 8)
         store.write_manifest(tmp, {"key": "k", "backend": "reference"})
     run = registry_client.client().create_run(registry_client.experiment_id("test")).info.run_id
-    v, _ = model_registry.register_version(name="held", profile_dir=str(profile), fingerprint="fp-held", run_id=run,
+    fingerprint = store.read_manifest(profile)["content_hash"]
+    v, _ = model_registry.register_version(name="held", profile_dir=str(profile), fingerprint=fingerprint, run_id=run,
                                 tags={"quant_format": "fp8", "gpu_arch": "sm_90"}, description="what was certified")
     model_registry.promote(name="held", version=v, alias="champion-sm90", challenger_alias="challenger-sm90")
     assert registry_client.client().get_model_version("held", v).description == "what was certified"
@@ -144,3 +145,73 @@ def test_a_registered_version_holds_the_files_and_a_tampered_download_is_refused
     weights.unlink()
     gone = runner.invoke(app, ["resolve", "held", "--gpu", "H100", "--download", str(dest), "--fast"])
     assert gone.exit_code == 3 and "checkpoint/model.safetensors: missing" in gone.output
+
+
+def _champion_with_a_profile(tmp_path, name="anchored"):
+    from tasks import store
+
+    profile = tmp_path / "built"
+    with store.atomic_dir(profile) as tmp:
+        (tmp / "checkpoint").mkdir()
+        (tmp / "checkpoint" / "model.safetensors").write_bytes(bytes(range(256)) * 8)
+        store.write_manifest(tmp, {"key": "k", "backend": "reference"})
+    fingerprint = store.read_manifest(profile)["content_hash"]
+    run = registry_client.client().create_run(registry_client.experiment_id("test")).info.run_id
+    v, _ = model_registry.register_version(name=name, profile_dir=str(profile), fingerprint=fingerprint, run_id=run,
+                                           tags={"quant_format": "fp8", "gpu_arch": "sm_90"})
+    model_registry.promote(name=name, version=v, alias="champion-sm90", challenger_alias="challenger-sm90")
+    return v, fingerprint
+
+
+def _rewrite_in_the_artifact_store(home, *, rehash: bool = True) -> str:
+    """What an attacker with write access to the artifact store does: flip a byte of the champion's checkpoint and
+    write its new sha256 (and, with rehash, the new content hash) into the manifest that travels with it."""
+    import hashlib
+    import json
+
+    from tasks import store
+
+    [weights] = (home / "mlartifacts").rglob("artifacts/profile/checkpoint/model.safetensors")
+    data = bytearray(weights.read_bytes())
+    data[7] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    manifest_file = weights.parents[1] / "manifest.json"
+    manifest = json.loads(manifest_file.read_text())
+    manifest["files"]["checkpoint/model.safetensors"]["sha256"] = hashlib.sha256(bytes(data)).hexdigest()
+    if rehash:
+        manifest["content_hash"] = store.fingerprint_of(manifest)
+    manifest_file.write_text(json.dumps(manifest))
+    return manifest["content_hash"]
+
+
+def test_a_rewritten_artifact_store_copy_is_refused_by_download_resolve_and_pyfunc_load(tmp_path, isolated_home):
+    """The registry (tracking store) is the trust anchor: a checkpoint and manifest rewritten consistently in the
+    artifact store pass the manifest's own digests but not the version's artifact_fingerprint tag."""
+    import mlflow.pyfunc
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+
+    v, recorded = _champion_with_a_profile(tmp_path)
+    assert model_registry.download("anchored", v, tmp_path / "before").is_dir()  # intact: trusted
+    assert anchor.fingerprint_of_logged_model(tmp_path / "before") == (f"anchored v{v}", recorded)
+    served = _rewrite_in_the_artifact_store(isolated_home)
+    assert served != recorded
+
+    with pytest.raises(model_registry.FingerprintMismatch) as refused:
+        model_registry.download("anchored", v, tmp_path / "after")
+    assert recorded in str(refused.value) and served in str(refused.value)
+    out = CliRunner().invoke(app, ["resolve", "anchored", "--gpu", "H100", "--verify"])
+    assert out.exit_code == 3, out.output
+    assert recorded in out.output and served in out.output
+    out = CliRunner().invoke(app, ["resolve", "anchored", "--gpu", "H100", "--download", str(tmp_path / "d")])
+    assert out.exit_code == 3 and "artifact_fingerprint" in out.output
+    with pytest.raises(model_registry.FingerprintMismatch, match=recorded):
+        mlflow.pyfunc.load_model("models:/anchored@champion-sm90", suppress_warnings=True)
+
+
+def test_edited_digests_under_an_unchanged_content_hash_are_refused_too(tmp_path, isolated_home):
+    v, recorded = _champion_with_a_profile(tmp_path, name="halfdone")
+    assert _rewrite_in_the_artifact_store(isolated_home, rehash=False) == recorded
+    with pytest.raises(model_registry.FingerprintMismatch, match="file records hash to"):
+        model_registry.download("halfdone", v, tmp_path / "after")
