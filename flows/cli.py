@@ -17,6 +17,7 @@ from recipes.load import load_recipe
 from recipes.schema import Recipe, RecipeError
 from tasks.base.errors import BadInput, EnginewrightError, NotCertified, Refused
 from tasks.base.settings import settings
+from tasks.decisions.targets import recipe_gpu_problems
 
 # Exit codes: CI gates on them (README "The command line"); each error class carries its own (tasks/base/errors.py).
 EXIT_OK, EXIT_ERROR = 0, EnginewrightError.exit_code
@@ -67,7 +68,7 @@ OVERRIDE_HELP = "Override a recipe field: key.path=value (repeatable), e.g. --se
 
 def _load_with_dir(recipe: Path, overrides: list[str] | None) -> tuple[Recipe, Path]:
     try:
-        return load_recipe(recipe, overrides or [])
+        return load_recipe(recipe, overrides or [], extra_checks=recipe_gpu_problems)
     except RecipeError as exc:
         typer.echo(f"recipe error: {exc}", err=True)
         raise typer.Exit(2) from None
@@ -85,7 +86,7 @@ def validate(recipe: Path = typer.Argument(..., help="recipe YAML"),
              as_json: bool = typer.Option(False, "--json", help="print the result as JSON on stdout")) -> None:
     """Check a recipe (schema, values, files) without running anything; lists every problem at once."""
     try:
-        loaded, _ = load_recipe(recipe, set_ or [])
+        loaded, _ = load_recipe(recipe, set_ or [], extra_checks=recipe_gpu_problems)
     except RecipeError as exc:
         typer.echo(f"recipe error: {exc}", err=True)
         if as_json:

@@ -12,6 +12,7 @@ from recipes.schema import RecipeError
 from registry import tracking
 from tasks import backends
 from tasks.calibration import representativeness as rep
+from tasks.decisions.targets import recipe_gpu_problems
 from tasks.quantization.quantize import QuantizationError
 
 log = logging.getLogger("enginewright")
@@ -28,7 +29,7 @@ def resolve_inputs(recipe_path: str, overrides: list[str] | None, model_location
             extra += [f"model.revision={model_version}"] if model_version else []
         elif model_location:
             extra.append(f"model.path={model_location}")
-    recipe, base_dir = load_recipe(recipe_path, extra)
+    recipe, base_dir = load_recipe(recipe_path, extra, extra_checks=recipe_gpu_problems)
     if targets:
         unknown = sorted(set(targets) - {t.name for t in recipe.targets})
         if unknown:

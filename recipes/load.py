@@ -4,12 +4,40 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Callable
 
 import yaml
 from pydantic import ValidationError
 
 from recipes import files
 from recipes.schema import TARGET_TYPES, Recipe, RecipeError, resolve_path
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses a key given twice in one mapping (SafeLoader silently keeps the last)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            try:
+                if key in seen:
+                    raise DuplicateKey(f"line {key_node.start_mark.line + 1}: key '{key}' is given twice in one "
+                                       f"mapping (first on line {seen[key]}); YAML would silently keep the last: "
+                                       "remove one")
+                seen[key] = key_node.start_mark.line + 1
+            except TypeError:  # an unhashable key: SafeLoader reports it
+                continue
+        return super().construct_mapping(node, deep=deep)
+
+
+class DuplicateKey(yaml.YAMLError):
+    pass
+
+
+def safe_load_unique(text: str):
+    """yaml.safe_load, refusing duplicate keys."""
+    return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
 
 
 def _format_errors(err: ValidationError) -> list[str]:
@@ -49,7 +77,7 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
             else:
                 node = node.setdefault(part, {})
         last = parts[-1]
-        value = yaml.safe_load(raw)
+        value = safe_load_unique(raw)
         if isinstance(node, list) and last.isdigit():
             node[int(last)] = value
         else:
@@ -85,8 +113,12 @@ def check_files(recipe: Recipe, base_dir: Path) -> list[str]:
     return problems
 
 
-def load_recipe(path: str | Path, overrides: list[str] | None = None) -> tuple[Recipe, Path]:
+def load_recipe(path: str | Path, overrides: list[str] | None = None,
+                extra_checks: Callable[[Recipe], list[str]] | None = None) -> tuple[Recipe, Path]:
     """Read, override, validate. Returns the recipe and the directory its relative paths resolve against.
+
+    `extra_checks` are checks a higher floor owns (the CLI passes the GPU catalogue's, tasks/decisions/targets.py):
+    their problems are listed with the file checks'.
 
     Raises:
         RecipeError: listing every problem found (schema and missing files), one per line.
@@ -94,8 +126,16 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> tuple[R
     path = Path(path)
     if not path.is_file():
         raise RecipeError(f"recipe file not found: {path}")
+    raw = path.read_bytes()
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise RecipeError(f"{path}: not UTF-8 text: byte 0x{raw[exc.start]:02x} at offset {exc.start} "
+                          f"({exc.reason}); save the recipe as UTF-8") from None
+    try:
+        data = safe_load_unique(text) or {}
+    except DuplicateKey as exc:
+        raise RecipeError(f"{path}: {exc}") from None
     except yaml.YAMLError as exc:
         raise RecipeError(f"{path}: not valid YAML: {exc}") from None
     if not isinstance(data, dict):
@@ -106,7 +146,7 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> tuple[R
         recipe = Recipe.model_validate(data)
     except ValidationError as exc:
         raise RecipeError(f"{path}: {exc.error_count()} problem(s):\n  " + "\n  ".join(_format_errors(exc))) from None
-    problems = check_files(recipe, base_dir)
+    problems = check_files(recipe, base_dir) + (extra_checks(recipe) if extra_checks else [])
     if problems:
         raise RecipeError(f"{path}: {len(problems)} problem(s):\n  " + "\n  ".join(problems))
     return recipe, base_dir

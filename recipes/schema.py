@@ -9,6 +9,8 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
+import posixpath
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
@@ -56,6 +58,23 @@ def resolve_path(value: str, base_dir: Path | None = None) -> Path:
     return path
 
 
+_PATH_SAFE = re.compile(r"(?!\.)[A-Za-z0-9._-]{1,128}")  # one path component: never '.', '..', '/' or a leading dot
+
+
+def mlflow_model_name_problem(name: str) -> str | None:
+    """Why MLflow would refuse a registered model name, mirroring mlflow/utils/validation.py::_validate_model_name
+    and path_not_unique (MLflow 3.17.2): not blank, no '/' or ':', and posixpath.normpath(name) == name, not '.',
+    not starting with '..' or '/'."""
+    if not name.strip():
+        return "must not be blank"
+    if any(c in name for c in "/:"):
+        return "MLflow refuses registered model names containing '/' or ':'"
+    norm = posixpath.normpath(name)
+    if norm != name or norm == "." or norm.startswith("..") or norm.startswith("/"):
+        return f"MLflow refuses names that resolve to another path (this one to {norm!r})"
+    return None
+
+
 class ModelSpec(Strict):
     source: Literal["hf_dir", "gguf", "hub"] = Field(description="hf_dir: local HF checkpoint; gguf: a GGUF file; hub: a Hugging Face hub id")
     path: str | None = Field(None, description="hf_dir or gguf: path, or pkg://<package>/<file> for a file shipped in a package")
@@ -69,6 +88,21 @@ class ModelSpec(Strict):
             raise ValueError(f"model.path is required when model.source is '{self.source}'")
         if self.source == "hub" and not self.id:
             raise ValueError("model.id is required when model.source is 'hub'")
+        return self
+
+    @field_validator("name")
+    @classmethod
+    def _path_safe_name(cls, value: str | None) -> str | None:
+        if value is not None and not _PATH_SAFE.fullmatch(value):
+            raise ValueError(f"got {value!r}: model.name names artifact directories (profiles/<name>/...), so it must "
+                             "be path-safe: letters, digits, '.', '_' and '-', not starting with '.'")
+        return value
+
+    @model_validator(mode="after")
+    def _path_safe_slug(self) -> "ModelSpec":
+        if not _PATH_SAFE.fullmatch(self.slug):
+            raise ValueError(f"model.name: the name derived from model.path/model.id is {self.slug!r}, which is not "
+                             "path-safe (it names artifact directories): set model.name")
         return self
 
     @property
@@ -325,6 +359,22 @@ class RecoverySpec(Strict):
 class RegistrySpec(Strict):
     name: str = Field(description="registered model name prefix; the backend is appended, e.g. smollm2-135m-reference")
     alias_prefix: str = Field("champion", description="alias set per target: <prefix>-<target>")
+
+    @field_validator("name")
+    @classmethod
+    def _mlflow_name(cls, value: str) -> str:
+        if problem := mlflow_model_name_problem(f"{value}-reference"):  # checked with a backend appended, as used
+            raise ValueError(f"got {value!r}: {problem}")
+        return value
+
+    @field_validator("alias_prefix")
+    @classmethod
+    def _mlflow_alias(cls, value: str) -> str:
+        # mlflow/utils/validation.py::_validate_model_alias_name (3.17.2): ^[\w\-]*$, at most 255 characters
+        if not re.fullmatch(r"[\w\-]{1,200}", value):
+            raise ValueError(f"got {value!r}: MLflow aliases may only contain letters, digits, '_' and '-' "
+                             "(the target's arch is appended)")
+        return value
 
 
 class Recipe(Strict):

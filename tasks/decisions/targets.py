@@ -120,6 +120,20 @@ def arch_of(gpu: str) -> str:
     raise ValueError(f"unknown GPU '{gpu}': use 'auto', 'sm_XY', or one of {', '.join(GPU_CATALOGUE)}")
 
 
+def recipe_gpu_problems(recipe) -> list[str]:
+    """Each target whose `gpu` is neither 'auto', 'sm_XY' nor a catalogue name, naming its field: recipes/ lies on a
+    floor below this catalogue, so the CLI and the flows hand this check to recipes.load.load_recipe."""
+    problems = []
+    for i, target in enumerate(recipe.targets):
+        if target.gpu == "auto":
+            continue
+        try:
+            arch_of(target.gpu)
+        except ValueError as exc:
+            problems.append(f"targets.{i}.gpu (target '{target.name}'): {exc}")
+    return problems
+
+
 def gpu_matches(name: str, device_name: str | None) -> bool:
     """Whether a catalogue name ('H20') names this device ('NVIDIA H20'); 'H20' does not match 'NVIDIA H200'."""
     words = re.split(r"[\s_]+", (device_name or "").upper().replace("NVIDIA", ""))
