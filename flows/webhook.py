@@ -25,6 +25,10 @@ Settings (environment): ENGINEWRIGHT_WEBHOOK_SECRET (required, at least 16 chara
 ENGINEWRIGHT_WEBHOOK_TOLERANCE_S (300), ENGINEWRIGHT_WEBHOOK_MAX_BYTES (65536),
 ENGINEWRIGHT_WEBHOOK_BODY_TIMEOUT_S (10), ENGINEWRIGHT_WEBHOOK_DB
 (default $ENGINEWRIGHT_HOME/webhook/deliveries.db: the delivery ids already handled).
+
+Connections: request headers must be complete within 5 s of a connection's opening (or of its previous response),
+and one client IP holds at most 16 open connections (`guarded_protocol`); behind a reverse proxy (README
+"Reliability") the proxy is the one client, so give it its own limits.
 """
 
 from __future__ import annotations
@@ -82,6 +86,8 @@ class Settings:
     max_bytes: int = 64 * 1024
     db_path: Path = Path("deliveries.db")
     body_timeout_s: float = 10.0  # a client that has not sent its whole body by then gets 408 and is dropped
+    header_timeout_s: float = 5.0  # a connection whose request headers are not complete by then is closed
+    max_connections_per_client: int = 16  # open connections per client IP; more are closed at once
 
     @classmethod
     def from_env(cls) -> "Settings":
@@ -289,6 +295,80 @@ def create_app(routes: dict[str, list[str]], settings: Settings, launcher: Launc
     return Starlette(routes=[Route(PATH, receive, methods=["POST"]), Route("/health", health, methods=["GET"])])
 
 
+def guarded_protocol(*, header_timeout_s: float, max_per_client: int):
+    """uvicorn's h11 protocol with the two guards uvicorn lacks (read in uvicorn 0.3x's protocols/http/h11_impl.py:
+    `timeout_keep_alive` is armed only after a response, so a connection that never completes its first request's
+    headers is never timed out, and `limit_concurrency` counts all clients together):
+
+    * a connection whose request headers are not complete within `header_timeout_s` of its opening (or of its
+      previous response) is closed;
+    * a client IP holding `max_per_client` open connections has further ones closed as soon as they open.
+
+    Each call makes a class of its own, with its own per-IP count (one per server)."""
+    from collections import Counter
+
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    open_per_ip: Counter = Counter()
+
+    class GuardedH11Protocol(H11Protocol):
+        _header_timer: asyncio.TimerHandle | None = None
+        _ip: str | None = None
+
+        def connection_made(self, transport) -> None:
+            super().connection_made(transport)
+            self._ip = self.client[0] if self.client else "unknown"
+            open_per_ip[self._ip] += 1
+            if open_per_ip[self._ip] > max_per_client:
+                transport.close()
+                return
+            self._arm()
+
+        def _arm(self) -> None:
+            self._disarm()
+            self._header_timer = self.loop.call_later(header_timeout_s, self._headers_late)
+
+        def _disarm(self) -> None:
+            if self._header_timer is not None:
+                self._header_timer.cancel()
+                self._header_timer = None
+
+        def _headers_late(self) -> None:
+            self._header_timer = None
+            if self.cycle is None or self.cycle.response_complete:  # no request under way: headers incomplete
+                self.transport.close()
+
+        def data_received(self, data: bytes) -> None:
+            super().data_received(data)
+            if self.cycle is not None and not self.cycle.response_complete:  # headers complete: the body's turn
+                self._disarm()
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            if not self.transport.is_closing():
+                self._arm()  # the next request's headers get the same time
+
+        def connection_lost(self, exc) -> None:
+            self._disarm()
+            if self._ip is not None:
+                open_per_ip[self._ip] -= 1
+                if open_per_ip[self._ip] <= 0:
+                    del open_per_ip[self._ip]
+                self._ip = None
+            super().connection_lost(exc)
+
+    return GuardedH11Protocol
+
+
+def uvicorn_config(app, receiver: Settings, *, host: str, port: int, **options):
+    """The uvicorn configuration the receiver runs under: the guarded h11 protocol (see guarded_protocol)."""
+    import uvicorn
+
+    return uvicorn.Config(app, host=host, port=port, http=guarded_protocol(
+        header_timeout_s=receiver.header_timeout_s, max_per_client=receiver.max_connections_per_client),
+        h11_max_incomplete_event_size=16 * 1024, **options)
+
+
 def serve(*, host: str, port: int, prefect_file: Path | None = None) -> None:
     """Run the receiver with uvicorn; routes come from prefect.yaml and its recipes (as `enginewright deploy`)."""
     import uvicorn
@@ -302,4 +382,5 @@ def serve(*, host: str, port: int, prefect_file: Path | None = None) -> None:
     routes = {model: [d.full_name for d in deps] for model, deps in load_plan(prefect_file).by_model().items()}
     for model, deps in routes.items():
         log.info("model %s -> %s", model, ", ".join(deps))
-    uvicorn.run(create_app(routes, receiver), host=host, port=port, log_level="info")
+    uvicorn.Server(uvicorn_config(create_app(routes, receiver), receiver, host=host, port=port,
+                                  log_level="info")).run()

@@ -322,3 +322,67 @@ def test_a_body_that_never_finishes_is_timed_out_with_408(tmp_path):
     started = time.monotonic()
     answer = asyncio.run(go())
     assert answer.status_code == 408 and time.monotonic() - started < 5
+
+
+def test_stalled_headers_are_closed_and_a_signed_delivery_gets_through_during_the_attack(tmp_path):
+    """2,000 connections that send half a request's headers and stop (from 127.0.0.1) are all closed within 10 s;
+    a signed delivery from another client (127.0.0.2) sent while they are open starts its run. Loopback only."""
+    import asyncio
+    import threading
+    import time
+
+    import httpx
+
+    settings = webhook.Settings(secret=SECRET, max_bytes=4096, db_path=tmp_path / "d.db", header_timeout_s=2.0)
+    prefect = FakePrefect()
+    app = webhook.create_app(ROUTES, settings, prefect, clock=lambda: NOW)
+    import uvicorn
+
+    server = uvicorn.Server(webhook.uvicorn_config(app, settings, host="127.0.0.1", port=0, log_level="warning",
+                                                   backlog=4096))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 20
+    while not server.started and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert server.started
+    port = server.servers[0].sockets[0].getsockname()[1]
+
+    async def stall(results: list):
+        try:
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        except OSError:
+            results.append("refused")
+            return
+        writer.write(f"POST {webhook.PATH} HTTP/1.1\r\nHost: x\r\n".encode())
+        await writer.drain()
+        try:
+            await asyncio.wait_for(reader.read(), timeout=12)  # b"" when the server closes it
+            results.append("closed")
+        except asyncio.TimeoutError:
+            results.append("open")
+        finally:
+            writer.close()
+
+    async def attack_and_deliver():
+        results: list = []
+        started = time.monotonic()
+        attackers = [asyncio.create_task(stall(results)) for _ in range(2000)]
+        await asyncio.sleep(0.5)  # the attack is under way
+        raw = json.dumps(event(delivery_id="during-attack")).encode()
+        transport = httpx.AsyncHTTPTransport(local_address="127.0.0.2")
+        async with httpx.AsyncClient(transport=transport, timeout=10) as client:
+            answer = await client.post(f"http://127.0.0.1:{port}{webhook.PATH}", content=raw, headers={
+                webhook.TIMESTAMP_HEADER: str(NOW), webhook.SIGNATURE_HEADER: webhook.sign(SECRET, NOW, raw),
+                "Content-Type": "application/json"})
+        await asyncio.gather(*attackers)
+        return answer, results, time.monotonic() - started
+
+    try:
+        answer, results, seconds = asyncio.run(attack_and_deliver())
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+    assert answer.status_code == 202, answer.text
+    assert [c["idempotency_key"] for c in prefect.calls] == ["webhook-during-attack-certify/smollm2-135m-demo-cpu"]
+    assert results.count("closed") == 2000 and seconds < 10, (results.count("closed"), results.count("open"), seconds)
