@@ -25,13 +25,15 @@ log = logging.getLogger("enginewright")
 
 
 def _validate(record: RunRecord, recipe, holdout, profile, device) -> tuple:
+    """Accuracy, then latency, of one profile, in one backend session (vllm: one engine serves both)."""
     subject = f"{profile.format}@{profile.target}"
-    accuracy = timed(record, "accuracy", subject, accuracy_task, profile_dir=profile.path,
-                      profile_fp=profile.fingerprint, backend_name=profile.backend, spec=recipe.evaluation,
-                      holdout_file=holdout.holdout_file)
-    latency = timed(record, "latency", subject, latency_task, profile_dir=profile.path,
-                     profile_fp=profile.fingerprint, backend_name=profile.backend, spec=recipe.latency,
-                     holdout_file=holdout.holdout_file, holdout_digest=holdout.holdout_digest, device=device)
+    with backends.get(profile.backend).session(profile.path):
+        accuracy = timed(record, "accuracy", subject, accuracy_task, profile_dir=profile.path,
+                         profile_fp=profile.fingerprint, backend_name=profile.backend, spec=recipe.evaluation,
+                         holdout_file=holdout.holdout_file)
+        latency = timed(record, "latency", subject, latency_task, profile_dir=profile.path,
+                        profile_fp=profile.fingerprint, backend_name=profile.backend, spec=recipe.latency,
+                        holdout_file=holdout.holdout_file, holdout_digest=holdout.holdout_digest, device=device)
     return accuracy, latency
 
 

@@ -257,13 +257,26 @@ class TrtllmTarget(TargetSpec):
         return value
 
 
+class VllmTarget(TargetSpec):
+    """vLLM's engine arguments as data (`vllm serve` flags of the same names; max_seq_len is --max-model-len,
+    max_batch_size --max-num-seqs, max_num_tokens --max-num-batched-tokens, tp --tensor-parallel-size)."""
+    backend: Literal["vllm"] = Field(description="vllm: vLLM serving the ModelOpt unified checkpoint, in its own environment (ENGINEWRIGHT_VLLM_PYTHON)")
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field("auto", description="--dtype: activations and unquantized weights (auto: the checkpoint's)")
+    gpu_memory_utilization: float = Field(0.9, gt=0.0, le=1.0, description="--gpu-memory-utilization: the share of GPU memory the engine may take (weights, activations, KV cache)")
+    kv_cache_dtype: Literal["auto", "bfloat16", "fp8", "fp8_e4m3", "nvfp4"] = Field("auto", description="--kv-cache-dtype (auto: from the checkpoint's kv_cache_quant_algo)")
+    enable_chunked_prefill: bool = Field(True, description="--enable-chunked-prefill")
+    enforce_eager: bool = Field(False, description="--enforce-eager: no torch.compile or CUDA graphs (faster start, slower serving; latency then is not what a deployment sees)")
+    cudagraph_capture_sizes: list[int] | None = Field(None, description="--cudagraph-capture-sizes (default: vLLM's)")
+    vllm_version: str | None = Field(None, description="the vLLM release of this target's worker (default: the one installed for ENGINEWRIGHT_VLLM_PYTHON); plan checks formats against it")
+
+
 def _backend_of(value) -> str:
     return value.get("backend", "reference") if isinstance(value, dict) else getattr(value, "backend", "reference")
 
 
-Target = Annotated[Union[Annotated[ReferenceTarget, Tag("reference")], Annotated[TrtllmTarget, Tag("trtllm")]],
-                   Discriminator(_backend_of)]
-TARGET_TYPES = {"reference": ReferenceTarget, "trtllm": TrtllmTarget}
+Target = Annotated[Union[Annotated[ReferenceTarget, Tag("reference")], Annotated[TrtllmTarget, Tag("trtllm")],
+                         Annotated[VllmTarget, Tag("vllm")]], Discriminator(_backend_of)]
+TARGET_TYPES = {"reference": ReferenceTarget, "trtllm": TrtllmTarget, "vllm": VllmTarget}
 
 
 

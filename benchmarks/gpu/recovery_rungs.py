@@ -3,7 +3,7 @@ each built, evaluated and gated like the pipeline does, with stage times, estima
 
 No network is needed: the model is a Llama made here (random init, then trained briefly on pydoc text so INT4 costs
 measurable perplexity), the tokenizer a BPE trained on the same text. Uses the stage functions the flow calls
-(tasks/quantization/recovery.py's recovery_rungs included); Prefect and MLflow are not needed. Writes a JSON record.
+(flows/target.py's recovery_rungs included); Prefect and MLflow are not needed. Writes a JSON record.
 
     python benchmarks/gpu/recovery_rungs.py --out recovery.json                  # ~1B-parameter shape, H100/H200
     python benchmarks/gpu/recovery_rungs.py --hidden 64 --layers 2 --vocab 512 --train-steps 50 \
@@ -94,6 +94,8 @@ def main() -> None:
 
     import torch
 
+    from flows.stages import RunRecord
+    from flows.target import recovery_rungs
     from recipes.schema import Recipe
     from tasks import store
     from tasks.calibration import calibrate
@@ -102,7 +104,6 @@ def main() -> None:
     from tasks.models import import_model
     from tasks.profiles import build
     from tasks.quantization import quantize
-    from tasks.quantization import recovery as recover
     from tasks.validation import accuracy
 
     home = store.home()
@@ -150,7 +151,7 @@ def main() -> None:
     def evaluate_rung(fmt, checkpoint_dir, fingerprint, quant_algo):
         prof = timed("build", fmt, build.build, model_slug=model.name, checkpoint_dir=checkpoint_dir,
                      checkpoint_fp=fingerprint, fmt=fmt, quant_algo=quant_algo, target=target, device=device)
-        return timed("accuracy", fmt, accuracy.evaluate, profile_dir=prof.path, profile_fp=prof.fingerprint,
+        return timed("accuracy", fmt, accuracy.measure_accuracy, profile_dir=prof.path, profile_fp=prof.fingerprint,
                      backend_name=prof.backend, spec=recipe.evaluation, holdout_file=calib.holdout_file)
 
     base = evaluate_rung("none", model.path, model.fingerprint, None)
@@ -166,10 +167,11 @@ def main() -> None:
         return decision
 
     decision = gate_row("int4_awq", evaluate_rung("int4_awq", ptq.fakequant_dir, ptq.fingerprint, ptq.quant_algo))
-    record["ptq_failed_accuracy"] = recover.accuracy_failed(decision)
-    for name, make in recover.recovery_rungs(recipe, ROOT, "int4_awq", ptq, target, device["arch"], model, calib,
-                                             timed=timed):
-        art = make()  # a crashed rung comes back as its reason (recover._guarded); the next rung still runs
+    record["ptq_failed_accuracy"] = gates.accuracy_failed(decision)
+    rungs_record = RunRecord()  # the flow's own ladder of recovery rungs (flows/target.py), timed as the flow does
+    for name, make in recovery_rungs(recipe, ROOT, "int4_awq", ptq, target, device["arch"], model, calib,
+                                     rungs_record):
+        art = timed("recover", name, make)  # a crashed rung comes back as its reason; the next rung still runs
         if isinstance(art, str):
             record["rows"].append({"format": name, "status": "skipped", "reason": art})
             print(f"{name}: skipped: {art}", flush=True)

@@ -17,7 +17,7 @@ from typing import Protocol
 from tasks.decisions.targets import TargetRuntime
 from tasks.quantization.quantize import TRTLLM_CHECKPOINT_FORMATS, trtllm_checkpoint_dir
 
-BACKENDS = {"reference": "tasks.backends.reference", "trtllm": "tasks.backends.trtllm"}
+BACKENDS = {"reference": "tasks.backends.reference", "trtllm": "tasks.backends.trtllm", "vllm": "tasks.backends.vllm"}
 
 
 class Backend(Protocol):
@@ -36,6 +36,8 @@ class Backend(Protocol):
     def build_profile(self, *, checkpoint_dir: str, target, device: dict, out: Path) -> dict: ...
     def lm_eval_model(self, profile_dir: Path, *, batch_size: int, max_length: int) -> AbstractContextManager: ...
     def serve(self, profile_dir: Path, *, host: str = ..., port: int, log_file: Path) -> AbstractContextManager: ...
+    def session(self, profile_dir: Path) -> AbstractContextManager:
+        """Around one profile's validation: what its stages share (vllm: one engine for accuracy and latency)."""
 
 
 def get(name: str) -> Backend:

@@ -46,6 +46,20 @@ SRC_UNIFIED_MIN = ("ModelOpt docs/source/deployment/3_unified_hf.rst: minimum Te
                    "checkpoints")
 
 
+# vLLM (runtime "vllm"), read from the released vLLM 0.26.0 wheel (commit ffd46bfab).
+SRC_VLLM_MODELOPT = ("vLLM 0.26.0 vllm/model_executor/layers/quantization/modelopt.py: QUANT_ALGOS (L105-120) FP8, "
+                     "FP8_PER_CHANNEL_PER_TOKEN, FP8_PB_WO, NVFP4, W4A16_NVFP4, MXFP8, MIXED_PRECISION; anything else "
+                     "is refused ('ModelOpt currently only supports ...', L354-360)")
+SRC_VLLM_FP8 = SRC_VLLM_MODELOPT + "; ModelOptFp8Config.get_min_capability 89 (L412)"
+SRC_VLLM_NVFP4 = (SRC_VLLM_MODELOPT + "; ModelOptNvFp4Config.get_min_capability 75 (L1064); below sm_100 NVFP4 runs as "
+                  "weight-only FP4 with bf16 activations through MarlinNvFp4LinearKernel (model_executor/kernels/"
+                  "linear/__init__.py L446-459, nvfp4/marlin.py L34-39): W4A16 numerics and speed, not W4A4")
+SRC_VLLM_KV = ("vLLM 0.26.0 modelopt.py KV_CACHE_QUANT_ALGOS (L121) FP8, NVFP4, read by --kv-cache-dtype auto "
+               "(utils/torch_utils.py L310-395: fp8 -> fp8_e4m3); FP8 KV cache on CPU needs AVX-512 or AMX "
+               "(v1/attention/backends/cpu_attn.py L540-543)")
+VLLM_NO_GPU = ("vLLM's CPU build serves no ModelOpt quantized checkpoint: every ModelOpt method needs a CUDA GPU "
+               "(get_min_capability 75-89, " + SRC_VLLM_MODELOPT.split(":")[0] + ")")
+
 @dataclass(frozen=True)
 class Rule:
     """`format` may be served on these SMs by this runtime, in TensorRT-LLM releases matching `releases` (a PEP 440
@@ -77,6 +91,9 @@ VALIDITY_RULES: tuple[Rule, ...] = (
     Rule("w4a8_awq", BLACKWELL_DC, "pytorch", SRC_PR_10190, releases=">=1.3.0rc0"),
     Rule("int4_awq", AMPERE | ADA | HOPPER, "pytorch", SRC_TRTLLM_TABLE),
     Rule("int4_awq", BLACKWELL_DC, "pytorch", SRC_PR_10190, releases=">=1.3.0rc0"),
+    # vLLM: the formats its ModelOpt loader accepts, from the SM its kernels need.
+    Rule("fp8", frozenset(range(89, 200)), "vllm", SRC_VLLM_FP8),
+    Rule("nvfp4", frozenset(range(75, 200)), "vllm", SRC_VLLM_NVFP4),
     # Legacy TensorRT engine: ModelOpt's matrix minus what the engine builder refuses on SM 100-119.
     *(Rule(f, sms - (frozenset(range(100, 120)) if f in ("int8_sq", "int4_awq") else frozenset()), "legacy",
            SRC_MODELOPT_MATRIX + ("; " + SRC_LEGACY_BUILDER if f in ("int8_sq", "int4_awq") else ""))
@@ -88,7 +105,12 @@ KV_CACHE_RULES: tuple[Rule, ...] = (
       for kv in ("fp8", "fp8_cast") for rt in ("pytorch", "legacy")),
     *(Rule(kv, BLACKWELL_DC, "pytorch", "TensorRT-LLM quantization.md (newer table, 'NVFP4 KV Cache' column: sm100/103 "
            "only); KvCacheConfig(dtype='nvfp4') in llmapi/llm_args.py") for kv in ("nvfp4", "nvfp4_cast")),
+    *(Rule(kv, frozenset(range(89, 200)), "vllm", SRC_VLLM_KV) for kv in ("fp8", "fp8_cast")),
+    *(Rule(kv, BLACKWELL_DC, "vllm", SRC_VLLM_KV + "; --kv-cache-dtype nvfp4 (config/cache.py CacheDType)")
+      for kv in ("nvfp4", "nvfp4_cast")),
 )
+# Where a runtime's refusal of what it has no rule for is written down.
+REFUSAL_SOURCES = {"vllm": SRC_VLLM_MODELOPT}
 # Which TensorRT-LLM releases can build each engine kind.
 ENGINE_RELEASES: dict[str, tuple[str, str]] = {
     "legacy": ("<=1.3.0rc20", SRC_RC20),
@@ -155,12 +177,13 @@ class TargetRuntime:
     kv_cache_dtype: str = "auto"  # the runtime's own KV-cache dtype option, where it has one
     checkpoint_per_tp: bool = False  # builds from a TensorRT-LLM checkpoint exported per tp (INT8-SQ, legacy)
     needs_gpu: str | None = None  # why it cannot run without an NVIDIA GPU (None: it can)
+    no_gpu_quantized: str | None = None  # why it serves no quantized format without a GPU (None: it does)
 
 
 ENGINE_OF_RUNTIME = {"pytorch": "profile", "legacy": "legacy"}  # TensorRT-LLM's engine kinds (targets[].engine)
 RUNTIME_NAMES = {"pytorch": "TensorRT-LLM's PyTorch runtime", "legacy": "TensorRT-LLM's legacy TensorRT engine",
-                 "reference": "its deployment runtimes"}
-RELEASE_NAMES = {"pytorch": "TensorRT-LLM", "legacy": "TensorRT-LLM"}
+                 "reference": "its deployment runtimes", "vllm": "vLLM"}
+RELEASE_NAMES = {"pytorch": "TensorRT-LLM", "legacy": "TensorRT-LLM", "vllm": "vLLM"}
 
 
 def engine_reason(engine: str, release: str) -> str | None:
@@ -194,7 +217,9 @@ def _rule_reason(rules, kind: str, what: str, sm: int, runtime: str, release: st
     where = RUNTIME_NAMES[runtime]
     if not mine:
         hint = " (set targets[].engine: legacy)" if what == "int8_sq" and runtime == "pytorch" else ""
-        return f"{kind} {what} has no kernels in {where}{hint}; target is {arch}"
+        source = f" (source: {REFUSAL_SOURCES[runtime]})" if runtime in REFUSAL_SOURCES else ""
+        release_note = f" {release}" if release and runtime in REFUSAL_SOURCES else ""
+        return f"{kind} {what} has no kernels in {where}{release_note}{hint}; target is {arch}{source}"
     product = RELEASE_NAMES.get(runtime, runtime)
     archs = [_sm_list(r.sms) + (f" ({product} {r.releases})" if r.releases else "") for r in mine]
     release_note = f" ({product} {release})" if release and runtime in RELEASE_NAMES else ""
@@ -210,6 +235,8 @@ def invalid_reason(fmt: str, arch: str, *, runtime: TargetRuntime, quant_device:
     kind, release = runtime.runtime, runtime.release
     if sm is None and runtime.needs_gpu:
         return f"{runtime.needs_gpu}; target is {arch}"
+    if sm is None and runtime.no_gpu_quantized:
+        return f"{runtime.no_gpu_quantized}; target is {arch}"
     if sm is not None:
         engine = ENGINE_OF_RUNTIME.get(kind)
         if engine is not None and release is not None and (why := engine_reason(engine, release)):

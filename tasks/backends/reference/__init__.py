@@ -13,6 +13,7 @@ from tasks.backends.reference.backend import (
                                               lm_eval_model,
                                               load_model,
                                               serve,
+                                              session,
                                               target_runtime,
                                               toolchain_versions,
 )
@@ -27,5 +28,5 @@ CHECKPOINT_KIND = "fakequant"  # builds from quantize's fake-quant checkpoint (b
 AUTOTUNED = False
 
 __all__ = ["AUTOTUNED", "CHECKPOINT", "CHECKPOINT_KIND", "NAME", "RUNTIME", "SPEED_IS_DEPLOYMENT", "SPEED_LABEL",
-           "TOOLCHAIN_KEYS", "build_profile", "generator", "lm_eval_model", "load_model", "serve",
+           "TOOLCHAIN_KEYS", "build_profile", "generator", "lm_eval_model", "load_model", "serve", "session",
            "target_runtime", "toolchain_versions"]

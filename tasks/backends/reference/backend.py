@@ -85,6 +85,11 @@ def load_model(profile_dir: Path, options: dict | None = None):
     return model, tokenizer
 
 
+def session(profile_dir: Path) -> contextlib.AbstractContextManager:
+    """Nothing is shared between the stages: accuracy runs in process, latency in the reference server."""
+    return contextlib.nullcontext()
+
+
 @contextlib.contextmanager
 def lm_eval_model(profile_dir: Path, *, batch_size: int, max_length: int) -> Iterator[object]:
     """An lm-eval LM over the built model, in process (lm-eval's HFLM with the model object)."""

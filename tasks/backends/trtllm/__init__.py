@@ -5,6 +5,8 @@ Nothing here has run against a real TensorRT-LLM: tests/unit/backends/test_trtll
 files against a fake `tensorrt_llm` (tests/fakes).
 """
 
+import contextlib
+
 from tasks.backends.trtllm.build import build_profile
 from tasks.backends.trtllm.common import CHECKPOINT, TrtllmError, target_runtime, toolchain_versions
 from tasks.backends.trtllm.eval import lm_eval_model
@@ -19,6 +21,13 @@ AUTOTUNED = True  # its profiles carry kernels autotuned on the GPU that built t
 # Versions that pin a profile; `tensorrt` is recorded only where it is installed (TensorRT-LLM >= 1.3 dropped it).
 TOOLCHAIN_KEYS = ("tensorrt_llm", "tensorrt", "modelopt", "torch", "transformers")
 
+
+
+def session(profile_dir) -> contextlib.AbstractContextManager:
+    """Nothing is shared between the stages: lm-eval loads the profile in process, trtllm-serve serves latency."""
+    return contextlib.nullcontext()
+
+
 __all__ = ["AUTOTUNED", "CHECKPOINT", "CHECKPOINT_KIND", "NAME", "RUNTIME", "SPEED_IS_DEPLOYMENT", "SPEED_LABEL",
-           "TOOLCHAIN_KEYS", "TrtllmError", "build_profile", "lm_eval_model", "serve", "target_runtime",
+           "TOOLCHAIN_KEYS", "TrtllmError", "build_profile", "lm_eval_model", "serve", "session", "target_runtime",
            "toolchain_versions"]
