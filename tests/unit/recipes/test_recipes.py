@@ -45,7 +45,7 @@ def test_unknown_format_lists_allowed_values(tmp_path):
 def test_every_problem_is_reported_at_once(tmp_path):
     def mutate(d):
         d["calibration"]["samples"] = 0
-        d["targets"][0]["backend"] = "vllm"
+        d["targets"][0]["backend"] = "tensorrt"
         d["extra_key"] = 1
     with pytest.raises(RecipeError) as err:
         load_recipe(_write(tmp_path, mutate))
