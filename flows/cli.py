@@ -150,7 +150,9 @@ def run(recipe: Path = typer.Argument(..., help="recipe YAML"),
         set_: Optional[List[str]] = typer.Option(None, "--set", help=OVERRIDE_HELP),
         json_out: Optional[Path] = typer.Option(None, "--json-out", help="also write the run record as JSON"),
         as_json: bool = typer.Option(False, "--json", help="print the run record as JSON on stdout (the summary "
-                                     "goes to stderr)")) -> None:
+                                     "goes to stderr)"),
+        verbose: bool = typer.Option(False, "--verbose", "-v", help="print library logs and progress bars too "
+                                     "(by default they go to a log file in the home, whose path is printed)")) -> None:
     """Run calibrate -> quantize -> build -> validate -> promote for a recipe, as a Prefect flow.
 
     Exits 0 only when every target that ran was certified; 4 when some target had no candidate pass every gate.
@@ -162,22 +164,26 @@ def run(recipe: Path = typer.Argument(..., help="recipe YAML"),
     loaded = _load(recipe, set_)
     env.configure(offline=not env.recipe_needs_hub(loaded))
     warnings.filterwarnings("ignore", category=UserWarning, module=r"mlflow\..*")  # schema-inference hints
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
-    for noisy in ("httpx", "httpcore"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-    from prefect import tags
-
-    from flows.cleanup import cleanup, process_tags
-    from flows.ops_cli import report_cleanup
-    from flows.pipeline import certify
+    from flows.console import console_for_run
+    from tasks import store
 
     started = time.perf_counter()
-    try:  # runs an earlier crash left RUNNING; never a reason not to run
-        report_cleanup(cleanup())
-    except Exception as exc:  # noqa: BLE001
-        logging.getLogger("enginewright").warning("cleanup of abandoned runs skipped: %s: %s", type(exc).__name__, exc)
-    with tags(*process_tags()):  # the flow run names its process, so a later cleanup can tell it was abandoned
-        state = certify(str(recipe), set_ or [], return_state=True)
+    with console_for_run(store.home(), verbose=verbose):
+        for noisy in ("httpx", "httpcore"):
+            logging.getLogger(noisy).setLevel(logging.WARNING)
+        from prefect import tags
+
+        from flows.cleanup import cleanup, process_tags
+        from flows.ops_cli import report_cleanup
+        from flows.pipeline import certify
+
+        try:  # runs an earlier crash left RUNNING; never a reason not to run
+            report_cleanup(cleanup())
+        except Exception as exc:  # noqa: BLE001
+            logging.getLogger("enginewright").warning("cleanup of abandoned runs skipped: %s: %s",
+                                                      type(exc).__name__, exc)
+        with tags(*process_tags()):  # the flow run names its process, so a later cleanup can tell it was abandoned
+            state = certify(str(recipe), set_ or [], return_state=True)
     result = state.result(raise_on_failure=False)
     if isinstance(result, RecipeError):  # found inside the flow, e.g. an unknown target name
         typer.echo(f"recipe error: {result}", err=True)
