@@ -171,12 +171,15 @@ def run(recipe: Path = typer.Argument(..., help="recipe YAML"),
     with console_for_run(store.home(), verbose=verbose):
         for noisy in ("httpx", "httpcore"):
             logging.getLogger(noisy).setLevel(logging.WARNING)
+        server = _start_temporary_server()  # while the flow's modules import
         from prefect import tags
 
         from flows.cleanup import cleanup, process_tags
         from flows.ops_cli import report_cleanup
         from flows.pipeline import certify
 
+        if server is not None:
+            server.join()  # before anything talks to the API: Prefect's own start() returns at once once it began
         try:  # runs an earlier crash left RUNNING; never a reason not to run
             report_cleanup(cleanup())
         except Exception as exc:  # noqa: BLE001
@@ -197,6 +200,30 @@ def run(recipe: Path = typer.Argument(..., help="recipe YAML"),
     if as_json:
         print(json.dumps(result, indent=2, default=str))
     raise typer.Exit(exit_code(result))
+
+
+def _start_temporary_server():
+    """Start Prefect's temporary API server (when no PREFECT_API_URL is set) in a thread, so its start-up overlaps
+    the import of the flow's modules instead of following it; returns the thread to join, or None. It is the
+    server Prefect's client would start on first use (`SubprocessASGIServer()` is one instance per process), so a
+    failure here only means the client starts it later, as before."""
+    import os
+    import threading
+
+    if settings().prefect_api_url or os.environ.get("PREFECT_API_URL"):
+        return None
+
+    def start():
+        try:
+            from prefect.server.api.server import SubprocessASGIServer
+
+            SubprocessASGIServer().start()
+        except Exception as exc:  # noqa: BLE001 - the client retries on first use
+            logging.getLogger("enginewright").warning("early start of Prefect's temporary server failed: %s", exc)
+
+    thread = threading.Thread(target=start, name="prefect-server-start", daemon=True)
+    thread.start()
+    return thread
 
 
 def exit_code(result: dict) -> int:
