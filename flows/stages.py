@@ -81,12 +81,12 @@ class RunRecord:
         log.info("%-9s %-28s %s", name, subject, "cache hit" if cached else f"{seconds:.1f} s")
 
 
-PROGRESS_AFTER_S, PROGRESS_EVERY_S = 10.0, 60.0
+PROGRESS_AFTER_S, PROGRESS_EVERY_S = 10.0, 120.0
 
 
 def timed(record: RunRecord, name: str, subject: str, fn, *args, **kwargs):
     """Run stage `name` on `subject` (a Prefect task is named "<name> <subject>") and record its time. A stage still
-    running after 10 s gets a progress line (then one a minute) with the time it took the last time it ran here."""
+    running after 10 s gets a progress line (then one every 2 minutes) with the time it took when it last ran here."""
     home = store.home()
     expected = console.expected_seconds(home, name, subject)
     log.info("▶ %-9s %-28s%s", name, subject, f" (last run here: {expected:.0f} s)" if expected else "")
