@@ -151,7 +151,9 @@ def run(recipe: Path = typer.Argument(..., help="recipe YAML"),
         set_: Optional[List[str]] = typer.Option(None, "--set", help=OVERRIDE_HELP),
         json_out: Optional[Path] = typer.Option(None, "--json-out", help="also write the run record as JSON"),
         as_json: bool = typer.Option(False, "--json", help="print the run record as JSON on stdout (the summary "
-                                     "goes to stderr)")) -> None:
+                                     "goes to stderr)"),
+        verbose: bool = typer.Option(False, "--verbose", "-v", help="print library logs and progress bars too "
+                                     "(by default they go to a log file in the home, whose path is printed)")) -> None:
     """Run calibrate -> quantize -> build -> validate -> promote for a recipe, as a Prefect flow.
 
     Exits 0 only when every target that ran was certified; 4 when some target had no candidate pass every gate.
@@ -163,22 +165,29 @@ def run(recipe: Path = typer.Argument(..., help="recipe YAML"),
     loaded = _load(recipe, set_)
     env.configure(offline=not env.recipe_needs_hub(loaded))
     warnings.filterwarnings("ignore", category=UserWarning, module=r"mlflow\..*")  # schema-inference hints
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
-    for noisy in ("httpx", "httpcore"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-    from prefect import tags
-
-    from flows.cleanup import cleanup, process_tags
-    from flows.ops_cli import report_cleanup
-    from flows.pipeline import certify
+    from flows.console import console_for_run
+    from tasks import store
 
     started = time.perf_counter()
-    try:  # runs an earlier crash left RUNNING; never a reason not to run
-        report_cleanup(cleanup())
-    except Exception as exc:  # noqa: BLE001
-        logging.getLogger("enginewright").warning("cleanup of abandoned runs skipped: %s: %s", type(exc).__name__, exc)
-    with tags(*process_tags()):  # the flow run names its process, so a later cleanup can tell it was abandoned
-        state = certify(str(recipe), set_ or [], return_state=True)
+    with console_for_run(store.home(), verbose=verbose):
+        for noisy in ("httpx", "httpcore"):
+            logging.getLogger(noisy).setLevel(logging.WARNING)
+        server = _start_temporary_server()  # while the flow's modules import
+        from prefect import tags
+
+        from flows.cleanup import cleanup, process_tags
+        from flows.ops_cli import report_cleanup
+        from flows.pipeline import certify
+
+        if server is not None:
+            server.join()  # before anything talks to the API: Prefect's own start() returns at once once it began
+        try:  # runs an earlier crash left RUNNING; never a reason not to run
+            report_cleanup(cleanup())
+        except Exception as exc:  # noqa: BLE001
+            logging.getLogger("enginewright").warning("cleanup of abandoned runs skipped: %s: %s",
+                                                      type(exc).__name__, exc)
+        with tags(*process_tags()):  # the flow run names its process, so a later cleanup can tell it was abandoned
+            state = certify(str(recipe), set_ or [], return_state=True)
     result = state.result(raise_on_failure=False)
     if isinstance(result, RecipeError):  # found inside the flow, e.g. an unknown target name
         typer.echo(f"recipe error: {result}", err=True)
@@ -192,6 +201,30 @@ def run(recipe: Path = typer.Argument(..., help="recipe YAML"),
     if as_json:
         print(json.dumps(result, indent=2, default=str))
     raise typer.Exit(exit_code(result))
+
+
+def _start_temporary_server():
+    """Start Prefect's temporary API server (when no PREFECT_API_URL is set) in a thread, so its start-up overlaps
+    the import of the flow's modules instead of following it; returns the thread to join, or None. It is the
+    server Prefect's client would start on first use (`SubprocessASGIServer()` is one instance per process), so a
+    failure here only means the client starts it later, as before."""
+    import os
+    import threading
+
+    if settings().prefect_api_url or os.environ.get("PREFECT_API_URL"):
+        return None
+
+    def start():
+        try:
+            from prefect.server.api.server import SubprocessASGIServer
+
+            SubprocessASGIServer().start()
+        except Exception as exc:  # noqa: BLE001 - the client retries on first use
+            logging.getLogger("enginewright").warning("early start of Prefect's temporary server failed: %s", exc)
+
+    thread = threading.Thread(target=start, name="prefect-server-start", daemon=True)
+    thread.start()
+    return thread
 
 
 def exit_code(result: dict) -> int:

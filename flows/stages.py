@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import threading
 import time
 from dataclasses import dataclass, field
 
@@ -20,6 +21,8 @@ from prefect import Task, task
 from prefect.cache_policies import NO_CACHE
 from prefect.states import Completed, State
 
+from flows import console
+from tasks import store
 from tasks.calibration import calibrate
 from tasks.decisions import gates
 from tasks.models import import_model
@@ -78,12 +81,34 @@ class RunRecord:
         log.info("%-9s %-28s %s", name, subject, "cache hit" if cached else f"{seconds:.1f} s")
 
 
+PROGRESS_AFTER_S, PROGRESS_EVERY_S = 10.0, 120.0
+
+
 def timed(record: RunRecord, name: str, subject: str, fn, *args, **kwargs):
-    """Run stage `name` on `subject` (a Prefect task is named "<name> <subject>") and record its time."""
-    log.info("▶ %s %s", name, subject)
+    """Run stage `name` on `subject` (a Prefect task is named "<name> <subject>") and record its time. A stage still
+    running after 10 s gets a progress line (then one every 2 minutes) with the time it took when it last ran here."""
+    home = store.home()
+    expected = console.expected_seconds(home, name, subject)
+    log.info("▶ %-9s %-28s%s", name, subject, f" (last run here: {expected:.0f} s)" if expected else "")
     started = time.perf_counter()
+    done = threading.Event()
+
+    def progress():
+        wait = PROGRESS_AFTER_S
+        while not done.wait(wait):
+            so_far = time.perf_counter() - started
+            left = f", about {max(expected - so_far, 0):.0f} s left" if expected else ""
+            log.info("… %-9s %-28s %.0f s so far%s", name, subject, so_far, left)
+            wait = PROGRESS_EVERY_S
+
+    threading.Thread(target=progress, name=f"progress {name} {subject}", daemon=True).start()
     if isinstance(fn, Task):
         fn = fn.with_options(task_run_name=f"{name} {subject}")
-    result = result_of(fn(*args, **kwargs))
+    try:
+        result = result_of(fn(*args, **kwargs))
+    finally:
+        done.set()
     record.stage(name, subject, started, result)
+    if not getattr(result, "cached", False):
+        console.remember_seconds(home, name, subject, time.perf_counter() - started)
     return result

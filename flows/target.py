@@ -19,22 +19,44 @@ from tasks.models.placement import DoesNotFit
 from tasks.profiles.profile import BASELINE
 from tasks.quantization import auto_quantize, qat
 from tasks.quantization.recovery import AUTO_QUANTIZE, RecoveredArtifact, RecoveryError, qat_name
+from tasks.validation import latency
 from tasks.validation.accuracy import LM_EVAL_RESULTS
 
 log = logging.getLogger("enginewright")
 
 
-def _validate(record: RunRecord, recipe, holdout, profile, device) -> tuple:
-    """Accuracy, then latency, of one profile, in one backend session (vllm: one engine serves both)."""
+def _validate(record: RunRecord, recipe, holdout, profile, device, speed_note: str | None, skip_latency=None) -> tuple:
+    """Accuracy, then latency, of one profile in one backend session (vllm: one engine serves both), unless
+    `skip_latency(accuracy)` says why no decision can use it (then the latency is recorded as not measured, with
+    that reason). Latency runs under the load `gates.latency_load` picks."""
     subject = f"{profile.format}@{profile.target}"
     with backends.get(profile.backend).session(profile.path):
         accuracy = timed(record, "accuracy", subject, accuracy_task, profile_dir=profile.path,
                          profile_fp=profile.fingerprint, backend_name=profile.backend, spec=recipe.evaluation,
                          holdout_file=holdout.holdout_file)
-        latency = timed(record, "latency", subject, latency_task, profile_dir=profile.path,
-                        profile_fp=profile.fingerprint, backend_name=profile.backend, spec=recipe.latency,
-                        holdout_file=holdout.holdout_file, holdout_digest=holdout.holdout_digest, device=device)
-    return accuracy, latency
+        spec, _ = gates.latency_load(recipe.latency, recipe.gates, speed_note)
+        if skip_latency is not None and (why := skip_latency(accuracy)):
+            log.info("latency   %-28s not measured: %s", subject, why)
+            return accuracy, latency.not_measured(why, spec)
+        measured = timed(record, "latency", subject, latency_task, profile_dir=profile.path,
+                         profile_fp=profile.fingerprint, backend_name=profile.backend, spec=spec,
+                         holdout_file=holdout.holdout_file, holdout_digest=holdout.holdout_digest, device=device)
+    return accuracy, measured
+
+
+def _measured_fields(recipe, speed_note, lat) -> dict:
+    """What the row says about how its latency was measured: not at all (and why), or under a reduced load."""
+    if lat.summary.get("not_measured"):
+        return {"latency_not_measured": lat.summary["not_measured"]}
+    _, reduced = gates.latency_load(recipe.latency, recipe.gates, speed_note)
+    return {"latency_load": reduced} if reduced else {}
+
+
+def _measured_tags(recipe, speed_note, lat) -> dict:
+    fields = _measured_fields(recipe, speed_note, lat)
+    return {"latency_measured": "false" if "latency_not_measured" in fields else "true",
+            **({"latency_not_measured": fields["latency_not_measured"]} if "latency_not_measured" in fields else {}),
+            **({"latency_load": fields["latency_load"]} if "latency_load" in fields else {})}
 
 
 def result_row(fmt: str, target, arch: str, status: str, reason: str = "", **extra) -> dict:
@@ -77,12 +99,14 @@ def certify_target(recipe, target, arch, pairs, model, calib, quantized, quant_e
         baseline = timed(record, "build", f"{BASELINE}@{target.name}", build_task, model_slug=model.name,
                           checkpoint_dir=model.path, checkpoint_fp=model.fingerprint, fmt=BASELINE, quant_algo=None,
                           target=target, device=device)
-        base_acc, base_lat = _validate(record, recipe, calib, baseline, device)
+        base_acc, base_lat = _validate(record, recipe, calib, baseline, device, speed_note)
         tracking.set_tags(base_run, {"artifact_fingerprint": baseline.fingerprint,
-                                     **gates.latency_tags(speed_note, base_lat.summary[load])})
+                                     **gates.latency_tags(speed_note, base_lat.summary[load]),
+                                     **_measured_tags(recipe, speed_note, base_lat)})
         _log_measurements(base_run, base_acc, base_lat)
     record.rows.append(result_row(BASELINE, target, arch, "baseline", accuracy=base_acc.metrics,
-                                  latency=base_lat.summary, latency_note=speed_note))
+                                  latency=base_lat.summary, latency_note=speed_note,
+                                  **_measured_fields(recipe, speed_note, base_lat)))
 
     rungs, profiles, recovering = [], {}, False
 
@@ -142,20 +166,25 @@ def _evaluate_rung(recipe, target, arch, model, calib, fmt, q, base, device, spe
         profile = timed(record, "build", f"{fmt}@{target.name}", build_task, model_slug=model.name,
                          checkpoint_dir=backends.checkpoint_for(q, target), checkpoint_fp=q.fingerprint, fmt=fmt,
                          quant_algo=q.quant_algo, target=target, device=device)
-        acc, lat = _validate(record, recipe, calib, profile, device)
+        acc, lat = _validate(record, recipe, calib, profile, device, speed_note,
+                             skip_latency=lambda acc: gates.latency_not_needed(
+                                 baseline_items_file=base_acc.items_file, candidate_items_file=acc.items_file,
+                                 gates=recipe.gates))
         decision = gate_task.with_options(task_run_name=f"gate {fmt}@{target.name}")(
             baseline_items_file=base_acc.items_file, candidate_items_file=acc.items_file,
             baseline_latency=base_lat.summary[load], candidate_latency=lat.summary[load], gates=recipe.gates,
             latency_note=speed_note)
         tracking.set_tags(run_id, {"decision": decision.status, "artifact_fingerprint": profile.fingerprint,
-                                   **gates.latency_tags(speed_note, lat.summary[load])})
+                                   **gates.latency_tags(speed_note, lat.summary[load]),
+                                   **_measured_tags(recipe, speed_note, lat)})
         _log_measurements(run_id, acc, lat, baseline=base_acc, decision=decision)
         if recovered and q.loss_curve:
             tracking.log_metric_series(run_id, "qat.kl_loss", q.loss_curve)
         tracking.log_dict(run_id, [v.as_dict() for v in decision.verdicts], "gates.json")
         tracking.log_dict(run_id, profile.manifest, "manifest.json")
     row = result_row(fmt, target, arch, decision.status, decision.reason, accuracy=acc.metrics, latency=lat.summary,
-               verdicts=[v.as_dict() for v in decision.verdicts], run_id=run_id, latency_note=speed_note)
+               verdicts=[v.as_dict() for v in decision.verdicts], run_id=run_id, latency_note=speed_note,
+               **_measured_fields(recipe, speed_note, lat))
     rung = {"format": fmt, "status": decision.status, "reason": decision.reason, "latency": lat.summary[load]}
     if recovered:
         row |= {"recovery": recovered | {"seconds": q.seconds, "config": q.config, "loss_curve": q.loss_curve},

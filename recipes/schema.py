@@ -295,6 +295,7 @@ class LatencySpec(Strict):
     input_tokens: int = Field(64, ge=1, description="every prompt has exactly this many tokens")
     output_tokens: int = Field(32, ge=2, description="every request generates exactly this many tokens (EOS ignored)")
     seed: int = Field(0, description="seeds the prompts and the Poisson arrivals")
+    full_on_reference: bool = Field(False, description="measure the whole load above also where latency does not decide (the reference runtime); by default only the gated concurrency, 3 requests after 1 warm-up")
 
 
     @field_validator("concurrency")

@@ -90,7 +90,55 @@ def _log_profile_model(run_id: str, profile_dir: str) -> str:
                                        signature=pyfunc_model.SIGNATURE,
                                        pip_requirements=[
                                            f"enginewright=={machine.version_of('enginewright') or '0.1.0'}"])
+    logged = _local_dir(mlflow.get_logged_model(info.model_id).artifact_location)
+    if logged is not None:
+        _link_to_profile(logged / "artifacts" / pyfunc_model.PROFILE, Path(profile_dir))
     return info.model_uri
+
+
+def _local_dir(uri: str | None) -> Path | None:
+    """The directory an artifact URI names when the artifact store is a local directory (file:, or a plain path);
+    None for a remote store (mlflow-artifacts:, s3:, gs:, ...)."""
+    from urllib.parse import urlparse
+    from urllib.request import url2pathname
+
+    if not uri:
+        return None
+    parsed = urlparse(uri)
+    if parsed.scheme == "file":
+        path = Path(url2pathname(parsed.path))
+    elif parsed.scheme == "" or (len(parsed.scheme) == 1 and uri[1:3] in (":/", ":\\")):
+        path = Path(uri)
+    else:
+        return None
+    return path if path.is_dir() else None
+
+
+def _link_to_profile(copied: Path, profile_dir: Path) -> int:
+    """Make a local artifact store hold the registered profile's files once: each file MLflow copied into
+    `copied` is replaced (atomically: link beside, then rename over) by a hard link to the profile's own file of
+    the same relative path and size, when the two are on one filesystem. Profile files are immutable and were
+    verified against their digests before registration; the copy was made from the same inodes a moment ago.
+    Returns the bytes freed. Another filesystem, or a file that differs, keeps its copy."""
+    import os
+
+    freed = 0
+    for file in copied.rglob("*"):
+        source = profile_dir / file.relative_to(copied)
+        if not file.is_file() or file.is_symlink() or not source.is_file():
+            continue
+        a, b = file.stat(), source.stat()
+        if a.st_dev != b.st_dev or a.st_size != b.st_size or (a.st_ino == b.st_ino):
+            continue
+        tmp = file.with_name(f".{file.name}.link-{os.getpid()}")
+        try:
+            os.link(source, tmp)
+            os.replace(tmp, file)
+        except OSError:
+            tmp.unlink(missing_ok=True)
+            continue
+        freed += a.st_size
+    return freed
 
 
 def download(name: str, version: str, dest: Path, *, full: bool = True, sizes_only: bool = False) -> Path:

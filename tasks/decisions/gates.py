@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass, replace
 import numpy as np
 import pandas as pd
 
-from recipes.schema import GatesSpec
+from recipes.schema import GatesSpec, LatencySpec
 
 
 @dataclass(frozen=True)
@@ -113,7 +113,19 @@ def accuracy_verdicts(baseline_items: pd.DataFrame, candidate_items: pd.DataFram
     return verdicts
 
 
+NOT_MEASURED = "not measured"
+ACCURACY_FAILED = "accuracy failed"
+
+
 def latency_verdicts(baseline: dict, candidate: dict, gates: GatesSpec) -> list[GateVerdict]:
+    """One verdict per latency gate. A candidate whose latency was not measured (its summary carries
+    `not_measured`: why) gets verdicts "not measured: <why>" that do not decide."""
+    if candidate.get("not_measured"):
+        why = f"{NOT_MEASURED}: {candidate['not_measured']}"
+        names = [n for n in ("ttft_p95_ms", "tpot_p95_ms") if getattr(gates.latency, n) is not None]
+        names += ["min_speedup"] if gates.latency.min_speedup is not None else []
+        return [GateVerdict(n, None, None, None, None, getattr(gates.latency, n), None, NOT_MEASURED, why,
+                            decides=False) for n in names]
     verdicts = []
     slos = {"ttft_p95_ms": "ttft_ms_p95", "tpot_p95_ms": "tpot_ms_p95"}
     for gate_name, key in slos.items():
@@ -182,5 +194,32 @@ def gate(*, baseline_items_file: str, candidate_items_file: str, baseline_latenc
     base, cand = pd.read_parquet(baseline_items_file), pd.read_parquet(candidate_items_file)
     latency = latency_verdicts(baseline_latency, candidate_latency, gates)
     if latency_note:
-        latency = [replace(v, decides=False, reason=f"{v.reason} (not deciding: {latency_note})") for v in latency]
+        latency = [v if v.verdict == NOT_MEASURED else
+                   replace(v, decides=False, reason=f"{v.reason} (not deciding: {latency_note})") for v in latency]
     return decide(accuracy_verdicts(base, cand, gates) + latency)
+
+
+def latency_not_needed(*, baseline_items_file: str, candidate_items_file: str, gates: GatesSpec) -> str | None:
+    """Why a candidate's latency need not be measured (its accuracy gates already fail it, so no decision can use
+    its speed), or None. The gate task still runs afterwards and records every verdict."""
+    base, cand = pd.read_parquet(baseline_items_file), pd.read_parquet(candidate_items_file)
+    return ACCURACY_FAILED if decide(accuracy_verdicts(base, cand, gates)).status == "fail" else None
+
+
+def latency_load(spec: LatencySpec, gates: GatesSpec, latency_note: str | None) -> tuple[LatencySpec, str | None]:
+    """The load to measure latency with, and a note when it is reduced. Where latency decides (latency_note is
+    None) or the recipe asks (`latency.full_on_reference`), the recipe's full load. Elsewhere (the reference
+    runtime, whose speed only informs) the smallest load that still fills the report: the gated concurrency only
+    (the report's columns, the gates' and the ladder's numbers are read there), at most 3 measured requests (p50 and
+    p95 exist) after at most 1 warm-up request."""
+    if latency_note is None or spec.full_on_reference:
+        return spec, None
+    level = gates.latency.at_concurrency or max(spec.concurrency)
+    small = spec.model_copy(update={"concurrency": [level], "request_rates": [], "requests": min(spec.requests, 3),
+                                    "warmup": min(spec.warmup, 1)})
+    if small == spec:
+        return spec, None
+    return small, (f"reduced load on a runtime whose speed does not decide: concurrency={level} only, "
+                   f"{small.requests} requests after {small.warmup} warm-up (recipe: concurrency {spec.concurrency}, "
+                   f"rates {spec.request_rates}, {spec.requests} requests; latency.full_on_reference: true "
+                   "measures it all)")

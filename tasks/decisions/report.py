@@ -117,6 +117,8 @@ def write_report(*, recipe, rows: list[dict], decisions: dict[str, dict], out_di
         if decision.get("latency_note"):
             lines += [f"**Latency did not decide:** {decision['latency_note']}. The latency columns and plots below "
                       "are the reference runtime's speed, shown for information.", ""]
+        if reduced := next((r["latency_load"] for r in trows if r.get("latency_load")), None):
+            lines += [f"**Latency load:** {reduced}.", ""]
         lines += ["| format | status | perplexity Δ (bound) | cloze Δ (bound) | TTFT p50/p95 ms | TPOT p50/p95 ms "
                   "| tok/s | host load | reason |",
                   "|---|---|---|---|---|---|---|---|---|"]
@@ -133,10 +135,13 @@ def write_report(*, recipe, rows: list[dict], decisions: dict[str, dict], out_di
             def num(key):
                 return "" if lat.get(key) is None else f"{lat[key]:.1f}"
 
+            if lat.get("not_measured"):  # no decision could use it (e.g. its accuracy gate had already failed)
+                speed = f"not measured: {lat['not_measured']} | | | |"
+            else:
+                speed = (f"{num('ttft_ms_p50')}/{num('ttft_ms_p95')} | {num('tpot_ms_p50')}/{num('tpot_ms_p95')} | "
+                         f"{num('output_tokens_per_s')} | {_host(lat)} |")
             lines.append(f"| {r['format']} | {r['status']} | {cell('holdout_perplexity', True)} | "
-                         f"{cell('holdout_cloze', False)} | {num('ttft_ms_p50')}/{num('ttft_ms_p95')} | "
-                         f"{num('tpot_ms_p50')}/{num('tpot_ms_p95')} | {num('output_tokens_per_s')} | "
-                         f"{_host(lat)} | "
+                         f"{cell('holdout_cloze', False)} | {speed} "
                          f"{r.get('reason', '') if r['status'] not in ('pass', 'baseline') else ''} |")
         lines += _recovery_lines(trows)
         measured = [r for r in trows if r.get("latency")]

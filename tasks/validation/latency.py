@@ -163,8 +163,17 @@ def load_profiles(spec: LatencySpec) -> dict[str, dict]:
 
 
 def cache_key(*, profile_fp: str, spec: LatencySpec, holdout_digest: str, device: dict) -> str:
-    return store.key_of("latency", profile_fp, spec.model_dump(mode="json"), holdout_digest, device["arch"],
+    # full_on_reference only chooses the spec passed here (flows/target.py); the load itself is what is measured
+    return store.key_of("latency", profile_fp, spec.model_dump(mode="json", exclude={"full_on_reference"}),
+                        holdout_digest, device["arch"],
                         device.get("gpu_name"), device.get("cpu"), store.source_digest(sys.modules[__name__]))
+
+
+def not_measured(why: str, spec: LatencySpec) -> LatencyResult:
+    """The latency of a candidate that was not measured, and why: every load profile's summary says so
+    (`not_measured`), so the gates, the report, the run record and MLflow all carry the reason instead of numbers."""
+    summary: dict = {name: {"not_measured": why} for name in load_profiles(spec)}
+    return LatencyResult("", summary | {"not_measured": why}, 0.0)
 
 
 def measure_latency(*, profile_dir: str, profile_fp: str, backend_name: str, spec: LatencySpec, holdout_file: str,

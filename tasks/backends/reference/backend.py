@@ -59,8 +59,14 @@ def build_profile(*, checkpoint_dir: str, target, device: dict, out: Path) -> di
     return options
 
 
-def load_model(profile_dir: Path, options: dict | None = None):
+def load_model(profile_dir: Path, options: dict | None = None, *, fold: bool = True):
     """The profile's model: base weights, with ModelOpt's quantizer state restored onto them when it has one.
+
+    fold: bake each weight quantizer into its weight once, here (ModelOpt's `mtq.fold_weight`: the weight becomes
+    quantize-dequantize(weight), the weight quantizer is disabled and its amax dropped), so a forward runs only the
+    activation (input, output, KV) quantizers instead of re-quantizing every weight on every forward. The numbers
+    are the same: the fold applies the very quantizer the forward would (tests/unit/backends/test_reference_fold.py).
+    The files on disk are not touched; only the loaded model's weights are replaced.
 
     On CUDA it goes to one GPU or, when it does not fit one, is sharded over the visible GPUs
     (tasks/models/placement.py).
@@ -79,6 +85,11 @@ def load_model(profile_dir: Path, options: dict | None = None):
     model = placement.load_causal_lm(ckpt, dtype=dtype, placement=where)
     if quant_state.is_quant_state_dir(ckpt):
         model = quant_state.restore(model, ckpt).eval()
+        if fold:
+            import modelopt.torch.quantization as mtq
+
+            with torch.no_grad():
+                mtq.fold_weight(model)
     tokenizer = AutoTokenizer.from_pretrained(ckpt)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token

@@ -119,3 +119,46 @@ def test_a_candidate_with_no_measured_latency_fails_its_slo_instead_of_crashing(
                                       latency_gates(ttft_p95_ms=100, min_speedup=1.0))
     assert [v.verdict for v in verdicts] == ["fail", "fail"]
     assert "not measured" in verdicts[0].reason and "not measured" in verdicts[-1].reason
+
+
+def test_a_candidate_failing_accuracy_needs_no_latency_and_its_latency_verdicts_say_not_measured(tmp_path):
+    rng = np.random.default_rng(2)
+    base = rng.normal(-80, 5, 200)
+    ppl_items(list(base)).to_parquet(tmp_path / "b.parquet")
+    ppl_items(list(base)).to_parquet(tmp_path / "same.parquet")
+    ppl_items(list(base - 8.0)).to_parquet(tmp_path / "bad.parquet")  # ~ +49% perplexity
+    g = GatesSpec.model_validate({"accuracy": {"tasks": {"holdout_perplexity": {"max_relative_increase": 0.05}}},
+                                  "latency": {"ttft_p95_ms": 500, "min_speedup": 1.1}})
+    files = {"baseline_items_file": str(tmp_path / "b.parquet"), "gates": g}
+    assert gates.latency_not_needed(candidate_items_file=str(tmp_path / "same.parquet"), **files) is None
+    why = gates.latency_not_needed(candidate_items_file=str(tmp_path / "bad.parquet"), **files)
+    assert why == "accuracy failed"
+    from tasks.validation.latency import not_measured
+
+    lat = not_measured(why, __import__("recipes.schema", fromlist=["LatencySpec"]).LatencySpec(concurrency=[1, 4]))
+    assert set(lat.summary) == {"concurrency=1", "concurrency=4", "not_measured"}
+    for note in (None, "reference runtime"):  # whether latency decides here or not, it is recorded, never judged
+        d = gates.gate(baseline_latency={"ttft_ms_p95": 90.0, "output_tokens_per_s": 10.0},
+                       candidate_latency=lat.summary["concurrency=1"], latency_note=note,
+                       candidate_items_file=str(tmp_path / "bad.parquet"), **files)
+        assert d.status == "fail" and d.reason.startswith("holdout_perplexity:")
+        lv = [v for v in d.verdicts if v.bound is None]
+        assert {v.gate for v in lv} == {"ttft_p95_ms", "min_speedup"}
+        assert all(v.verdict == "not measured" and v.reason == "not measured: accuracy failed" and not v.decides
+                   for v in lv)
+
+
+def test_latency_load_is_the_smallest_that_fills_the_report_unless_latency_decides_or_the_recipe_asks():
+    from recipes.schema import LatencySpec
+
+    spec = LatencySpec(concurrency=[1, 4], request_rates=[2.0], requests=6, warmup=2)
+    g = latency_gates(at_concurrency=1)
+    assert gates.latency_load(spec, g, None) == (spec, None)  # latency decides: the recipe's load
+    full = spec.model_copy(update={"full_on_reference": True})
+    assert gates.latency_load(full, g, "reference runtime") == (full, None)
+    small, why = gates.latency_load(spec, g, "reference runtime")
+    assert (small.concurrency, small.request_rates, small.requests, small.warmup) == ([1], [], 3, 1)
+    assert "concurrency=1 only" in why and "full_on_reference" in why
+    assert gates.latency_load(spec, latency_gates(), "reference runtime")[0].concurrency == [4]  # max, as gated_load
+    tiny = LatencySpec(concurrency=[1], requests=2, warmup=0)
+    assert gates.latency_load(tiny, g, "reference runtime") == (tiny, None)  # already that small

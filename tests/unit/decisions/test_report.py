@@ -53,3 +53,23 @@ def test_report_shows_every_rung_the_decision_and_plots(tmp_path):
     assert "](local-pareto.png)" not in embedded and base64.b64encode(png).decode() in embedded
     page = (tmp_path / "report.html").read_text()
     assert '<img src="data:image/png;base64,' in page and "<table>" in page and "<td>int8_sq</td>" in page
+
+
+def test_report_says_which_latency_was_not_measured_and_why_and_the_reduced_load(tmp_path):
+    recipe = Recipe.model_validate({
+        "name": "r", "model": {"source": "hub", "id": "x/y"}, "calibration": {"source": "pydoc_topics"},
+        "quantization": {"formats": ["int8_sq"]}, "targets": [{"name": "local"}],
+        "evaluation": {"tasks": ["holdout_perplexity"]},
+        "gates": {"accuracy": {"tasks": {"holdout_perplexity": {"max_relative_increase": 0.08}}},
+                  "latency": {"ttft_p95_ms": 900}},
+        "registry": {"name": "m"}})
+    rows = [{"format": "none", "target": "local", "arch": "cpu-x86_64", "status": "baseline",
+             "latency": {"concurrency=1": {"output_tokens_per_s": 20, "ttft_ms_p50": 100, "ttft_ms_p95": 120}},
+             "latency_load": "reduced load on a runtime whose speed does not decide: concurrency=1 only"},
+            {"format": "int8_sq", "target": "local", "arch": "cpu-x86_64", "status": "fail", "reason": "ppl high",
+             "latency": {"concurrency=1": {"not_measured": "accuracy failed"}, "not_measured": "accuracy failed"},
+             "latency_not_measured": "accuracy failed",
+             "verdicts": [{"gate": "holdout_perplexity", "value": 0.2, "bound": 0.25, "verdict": "fail"}]}]
+    text = write_report(recipe=recipe, rows=rows, out_dir=tmp_path, decisions={"local": {"reason": "none"}}).read_text()
+    assert "| int8_sq | fail | +20.00% (≤+25.00%) |  | not measured: accuracy failed | | | | ppl high |" in text
+    assert "**Latency load:** reduced load on a runtime whose speed does not decide: concurrency=1 only." in text

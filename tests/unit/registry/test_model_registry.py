@@ -4,6 +4,7 @@ import pytest
 
 from registry import anchor, model_registry
 from registry import client as registry_client
+from tasks import store
 
 
 def _register(tmp_path, name, fmt, arch, degradation, fp):
@@ -215,3 +216,28 @@ def test_edited_digests_under_an_unchanged_content_hash_are_refused_too(tmp_path
     assert _rewrite_in_the_artifact_store(isolated_home, rehash=False) == recorded
     with pytest.raises(model_registry.FingerprintMismatch, match="file records hash to"):
         model_registry.download("halfdone", v, tmp_path / "after")
+def test_registration_into_a_local_artifact_store_holds_the_profile_once(tmp_path):
+    """The version's files in a local artifact store are hard links to the profile's own (no second copy), and the
+    version still downloads and verifies from them."""
+    import os
+
+    profile = tmp_path / "p-once"
+    (profile / "checkpoint").mkdir(parents=True)
+    (profile / "checkpoint" / "model.safetensors").write_bytes(os.urandom(1 << 20))
+    (profile / "runtime.yaml").write_text("profile: once\n")
+    store.write_manifest(profile, {"stage": "build"})
+    run = registry_client.client().create_run(registry_client.experiment_id("test")).info.run_id
+    version, _ = model_registry.register_version(name="once", profile_dir=str(profile), fingerprint="once",
+                                                 run_id=run, tags={"quant_format": "fp8", "gpu_arch": "sm_90"})
+    stored = [p for p in (store.home() / "mlartifacts").rglob("model.safetensors")]
+    assert len(stored) == 1
+    assert stored[0].stat().st_ino == (profile / "checkpoint" / "model.safetensors").stat().st_ino
+    assert (profile / "checkpoint" / "model.safetensors").stat().st_nlink == 2
+    got = model_registry.download("once", version, tmp_path / "fetched")
+    assert (got / "checkpoint" / "model.safetensors").read_bytes() == (
+        profile / "checkpoint" / "model.safetensors").read_bytes()
+
+
+def test_a_remote_artifact_store_is_not_linked():
+    assert model_registry._local_dir("mlflow-artifacts:/1/models/m-1/artifacts") is None
+    assert model_registry._local_dir("s3://bucket/x") is None
