@@ -133,11 +133,17 @@ def plan(recipe: Path = typer.Argument(..., help="recipe YAML"),
         table.add_row(p["format"], p["target"], p["arch"], p["action"], p["reason"] or "")
     console.print(table)
     cache = Table(title=f"stages on this machine ({device['arch']})")
-    for col in ("stage", "subject", "action", "why"):
+    for col in ("stage", "subject", "action", "why", "est."):
         cache.add_column(col)
     for s in stages:
-        cache.add_row(s["stage"], s["subject"], s["action"], s["reason"])
+        est = s.get("estimate_s")
+        cache.add_row(s["stage"], s["subject"], s["action"], s["reason"], "" if est is None else f"~{est:.0f} s")
     console.print(cache)
+    known = [s["estimate_s"] for s in stages if s.get("estimate_s") is not None]
+    unknown = sum(1 for s in stages if s["action"] == "run" and s.get("estimate_s") is None
+                  and s["stage"] not in ("gate", "promote"))
+    console.print(f"estimated time: ~{sum(known):.0f} s from this store's recorded stage times"
+                  + (f" (+ {unknown} stage(s) never timed here)" if unknown else ""), highlight=False)
 
 
 @app.command(epilog="Examples:\n\n  enginewright run recipes/demo.yaml\n\n"
