@@ -91,8 +91,15 @@ def validate(recipe: Path = typer.Argument(..., help="recipe YAML"),
         if as_json:
             print(json.dumps({"recipe": str(recipe), "valid": False, "problems": str(exc).splitlines()}, indent=2))
         raise typer.Exit(EXIT_BAD_INPUT) from None
+    warnings = []
+    if loaded.model.source == "hub" and not loaded.model.revision:
+        warnings.append(f"model.revision is not set: {loaded.model.id} is fetched at whatever the hub has now, so "
+                        "its fingerprint (and every cache key after it) changes when the repo does; pin a commit "
+                        "sha or tag")
+    for w in warnings:
+        typer.echo(f"warning: {w}", err=True)
     if as_json:
-        print(json.dumps({"recipe": str(recipe), "valid": True, "name": loaded.name,
+        print(json.dumps({"recipe": str(recipe), "valid": True, "name": loaded.name, "warnings": warnings,
                           "formats": loaded.quantization.formats, "targets": [t.name for t in loaded.targets],
                           "digest": loaded.digest()}, indent=2))
         return

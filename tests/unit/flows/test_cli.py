@@ -83,3 +83,21 @@ def test_validate_json_is_data_on_stdout_and_problems_are_listed(tmp_path):
     answer = json.loads(bad.stdout)
     assert bad.exit_code == 2 and answer["valid"] is False and "recipe error" in bad.stderr
     assert any("fp7_magic" in p for p in answer["problems"]) and any("tp=4" in p for p in answer["problems"])
+
+
+def test_validate_warns_about_a_hub_model_without_a_revision(tmp_path):
+    from pathlib import Path
+
+    import yaml
+
+    data = yaml.safe_load((Path(__file__).resolve().parents[3] / "recipes" / "demo.yaml").read_text())
+    data["model"] = {"source": "hub", "id": "HuggingFaceTB/SmolLM2-135M-Instruct"}
+    path = tmp_path / "hub.yaml"
+    path.write_text(yaml.safe_dump(data))
+    unpinned = runner.invoke(app, ["validate", str(path), "--json"])
+    assert unpinned.exit_code == 0 and "model.revision is not set" in unpinned.stderr
+    assert json.loads(unpinned.stdout)["warnings"]
+    data["model"]["revision"] = "12fd25f77366fa6b3b4b768ec3050bf629380bac"
+    path.write_text(yaml.safe_dump(data))
+    pinned = runner.invoke(app, ["validate", str(path), "--json"])
+    assert pinned.exit_code == 0 and "warning" not in pinned.stderr and json.loads(pinned.stdout)["warnings"] == []
