@@ -52,7 +52,7 @@ def ui_command() -> str:
     url = urlsplit(ui_url())
     mlflow_bin = Path(sys.executable).parent / "mlflow"
     return (f"{mlflow_bin} ui --backend-store-uri {uri} --host {url.hostname} --port {url.port or 80}"
-            f"   # then open {ui_url()}")
+            f"   # then open {ui_url()}/#/experiments{UI_QUERY}")
 
 
 # The experiment tag MLflow's UI reads to choose an experiment's kind (MLflow 3.17: mlflow/assistant/skills/
@@ -60,6 +60,9 @@ def ui_command() -> str:
 # GENAI_DEVELOPMENT="genai_development", CUSTOM_MODEL_DEVELOPMENT="custom_model_development"). Unset, 3.17 opens on
 # an empty GenAI traces view and hides the Model Registry; this kind opens on the runs table.
 EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
+# Seen in headless Chromium on 3.17.2: with a fresh browser profile the UI's GenAI / "Model training" toggle
+# (localStorage `mlflow.workflowType`, default genai) overrides the tag; a link's `workflowType` parameter sets it.
+UI_QUERY = "?workflowType=machine_learning"
 
 
 def experiment_id(name: str) -> str:
