@@ -211,8 +211,8 @@ def write_report(*, recipe, rows: list[dict], decisions: dict[str, dict], out_di
         if decision.get("latency_note"):
             lines += [f"**Latency did not decide:** {decision['latency_note']}. The latency columns and plots below "
                       "are the reference runtime's speed, shown for information.", ""]
-        lines += ["| format | verdict | perplexity Δ | cloze Δ | TTFT p50/p95 ms | TPOT p50/p95 ms | tok/s | notes |",
-                  "|---|---|---|---|---|---|---|---|"]
+        lines += ["| format | verdict | perplexity Δ | cloze Δ | p95 ms TTFT/TPOT | tok/s | notes |",
+                  "|---|---|---|---|---|---|---|"]
         notes: list[str] = []
 
         def note(text: str) -> str:
@@ -237,8 +237,7 @@ def write_report(*, recipe, rows: list[dict], decisions: dict[str, dict], out_di
             status = STATUS_WORDS.get(r["status"], r["status"])
             lines.append(f"| {r['format']} | {status} | {gates.delta_text(v.get('holdout_perplexity', {}))} | "
                          f"{gates.delta_text(v.get('holdout_cloze', {}))} | "
-                         f"{num('ttft_ms_p50')}/{num('ttft_ms_p95')} | "
-                         f"{num('tpot_ms_p50')}/{num('tpot_ms_p95')} | {num('output_tokens_per_s')} | "
+                         f"{num('ttft_ms_p95')}/{num('tpot_ms_p95')} | {num('output_tokens_per_s')} | "
                          f"{' '.join(marks)} |")
         if notes:
             lines += ["", "Notes:", ""] + [f"{i}. {text}" for i, text in enumerate(notes, 1)]
