@@ -32,14 +32,15 @@ def _short(v) -> str:
     return v[:10] if isinstance(v, str) and len(v) >= 32 else str(v)
 
 
-def explain(out: Path, siblings: list[Path], parts: dict) -> tuple[bool, str]:
-    """(cached, reason): cached when `out` holds a complete artifact; else what differs from the newest sibling."""
+def explain(out: Path, siblings: list[Path], parts: dict, field: str = "inputs") -> tuple[bool, str]:
+    """(cached, reason): cached when `out` holds a complete artifact; else what differs from the newest sibling
+    (its manifest's `field`: the key's named inputs; calibrate records its spec)."""
     if store.read_manifest(out) is not None:
         return True, "cache hit"
-    previous = [(p.stat().st_mtime, m) for p in siblings if (m := store.read_manifest(p)) and "inputs" in m]
+    previous = [(p.stat().st_mtime, m) for p in siblings if (m := store.read_manifest(p)) and field in m]
     if not previous:
         return False, "never built"
-    before = _flatten(max(previous, key=lambda x: x[0])[1]["inputs"])
+    before = _flatten(max(previous, key=lambda x: x[0])[1][field])
     now = _flatten(parts)
     diffs = [f"{k}: {_short(before.get(k))} → {_short(now.get(k))}" for k in sorted(set(before) | set(now))
              if before.get(k) != now.get(k)]
@@ -51,8 +52,9 @@ def plan_stages(recipe, base_dir: Path, plan, device: dict) -> list[dict]:
     functions (`out_dir`, `cache_key`, `key_parts`), never spelled again here."""
     rows: list[dict] = []
 
-    def row(stage, subject, cached, reason):
-        rows.append({"stage": stage, "subject": subject, "action": "reuse" if cached else "run", "reason": reason})
+    def row(stage, subject, cached, reason, estimate_s=None):
+        rows.append({"stage": stage, "subject": subject, "action": "reuse" if cached else "run", "reason": reason,
+                     "estimate_s": None if cached else estimate_s})
 
     if recipe.model.source == "hf_dir":
         model_dir = resolve_path(recipe.model.path, base_dir)
@@ -63,17 +65,22 @@ def plan_stages(recipe, base_dir: Path, plan, device: dict) -> list[dict]:
         manifest = store.read_manifest(out)
         row("import", recipe.model.slug, manifest is not None, "cache hit" if manifest else "not converted yet")
         if manifest is None:
-            row("downstream", "all", False, "every later stage runs after the model is imported")
+            row("calibrate", recipe.calibration.source, False, "after the model is imported")
+            _downstream(row, recipe, plan, "after the model is imported")
             return rows
         model_dir, model_fp = out, manifest["content_hash"]
 
     calib_out = calibrate.out_dir(calibrate.cache_key(recipe.calibration, model_dir=str(model_dir),
                                                       base_dir=base_dir))
     calib = store.read_manifest(calib_out)
-    row("calibrate", recipe.calibration.source, calib is not None,
-        "cache hit" if calib else "source, sampling, tokenizer or code changed (or never built)")
+    spec_now = recipe.calibration.model_dump(mode="json")
+    siblings = [p for p in calib_out.parent.glob("*") if p != calib_out]
+    cached, reason = explain(calib_out, siblings, spec_now, field="spec")
+    if not cached and reason == "inputs changed":
+        reason = "the source's content, the tokenizer or the calibration code changed"
+    row("calibrate", recipe.calibration.source, cached, reason, _estimate(siblings, cached))
     if calib is None:
-        row("downstream", "all", False, "quantize and later stages run on the new calibration set")
+        _downstream(row, recipe, plan, "runs on the new calibration set")
         return rows
 
     checkpoints = {}
@@ -90,16 +97,19 @@ def plan_stages(recipe, base_dir: Path, plan, device: dict) -> list[dict]:
                                    batch_size=recipe.calibration.batch_size, device=quantize.work_device(),
                                    trtllm_tps=backends.checkpoint_tps(recipe.targets))
         out = quantize.out_dir(fmt, parts)
-        cached, reason = explain(out, [p for p in out.parent.glob("*") if p != out], parts)
-        row("quantize", fmt, cached, reason)
+        siblings = [p for p in out.parent.glob("*") if p != out]
+        cached, reason = explain(out, siblings, parts)
+        row("quantize", fmt, cached, reason, _estimate(siblings, cached))
         if cached:
             checkpoints[fmt] = store.read_manifest(out)["content_hash"]
 
     baselines = [Pair(BASELINE, name, arch) for name, arch in plan.target_arch.items() if name not in plan.unplaced]
     checkpoints[BASELINE] = model_fp
+    profiles: dict[str, str | None] = {}  # subject -> the built profile's fingerprint (None: built by this run)
     for pair in baselines + plan.runnable:
         target = next(t for t in recipe.targets if t.name == pair.target)
         subject = f"{pair.format}@{pair.target}"
+        profiles[subject] = None
         if pair.format not in checkpoints:
             row("build", subject, False, f"its {pair.format} checkpoint is (re)quantized first")
             continue
@@ -113,5 +123,71 @@ def plan_stages(recipe, base_dir: Path, plan, device: dict) -> list[dict]:
         out = build.out_dir(recipe.model.slug, pair.format, pair.arch, target.tp, parts)
         siblings = [p for p in out.parent.parent.glob("*/*") if p != out]
         cached, reason = explain(out, siblings, parts)
-        row("build", subject, cached, reason)
+        row("build", subject, cached, reason, _estimate(siblings, cached))
+        if cached:
+            profiles[subject] = store.read_manifest(out)["content_hash"]
+    _validation_rows(row, recipe, calib_out, calib, profiles, device)
+    _decision_rows(row, recipe, plan)
     return rows
+
+
+def _estimate(siblings: list[Path], cached: bool) -> float | None:
+    """Seconds the newest earlier output of this stage and subject took (its manifest's `seconds`)."""
+    if cached:
+        return None
+    timed = [(p.stat().st_mtime, m["seconds"]) for p in siblings
+             if (m := store.read_manifest(p)) and isinstance(m.get("seconds"), (int, float))]
+    return max(timed)[1] if timed else None
+
+
+def _validation_rows(row, recipe, calib_out: Path, calib: dict, profiles: dict, device: dict) -> None:
+    """accuracy and latency per built profile, keyed by the stages' own `cache_key` from the profile fingerprint
+    in its build manifest; a profile this run builds gives keys nobody can know yet."""
+    from tasks.validation import accuracy, latency
+
+    inputs = None
+    for stage in ("accuracy", "latency"):
+        for subject, fp in profiles.items():
+            if fp is None:
+                row(stage, subject, False, "after its build", _stage_estimate(stage))
+                continue
+            if stage == "accuracy":
+                if inputs is None:
+                    inputs = accuracy.task_inputs(recipe.evaluation.tasks, str(calib_out / "holdout.parquet"),
+                                                  recipe.evaluation.limit)
+                key = accuracy.cache_key(profile_fp=fp, spec=recipe.evaluation, inputs=inputs)
+            else:
+                key = latency.cache_key(profile_fp=fp, spec=recipe.latency, holdout_digest=calib["holdout_digest"],
+                                        device=device)
+            out = store.stage_dir(stage, key)
+            cached = store.read_manifest(out) is not None
+            row(stage, subject, cached, "cache hit" if cached else "not measured with these inputs "
+                "(evaluation/latency spec, held-out items, harness or machine)", _stage_estimate(stage))
+
+
+def _stage_estimate(stage: str) -> float | None:
+    """The newest recorded time of any output of this stage in the store."""
+    return _estimate(list((store.home() / stage).glob("*")), False)
+
+
+def _decision_rows(row, recipe, plan) -> None:
+    """Gates and promotion are never cached: cheap, recomputed from the measurements on every run."""
+    for pair in plan.runnable:
+        row("gate", f"{pair.format}@{pair.target}", False, "always: verdicts from the measurements (never cached)")
+    for target in recipe.targets:
+        if target.name not in plan.unplaced:
+            row("promote", target.name, False, "always: the ladder's choice; a registered profile keeps its version")
+
+
+def _downstream(row, recipe, plan, why: str) -> None:
+    """Every later stage, when an earlier one reruns: each runs on outputs nobody has yet."""
+    for fmt in plan.formats_to_quantize:
+        row("quantize", fmt, False, why, _estimate(list((store.home() / "quantized" / fmt).glob("*")), False))
+    subjects = [f"{BASELINE}@{n}" for n in plan.target_arch if n not in plan.unplaced]
+    subjects += [f"{p.format}@{p.target}" for p in plan.runnable]
+    for subject in subjects:
+        row("build", subject, False, f"after quantize ({why})")
+    for stage in ("accuracy", "latency"):
+        for subject in subjects:
+            row(stage, subject, False, "after its build", _stage_estimate(stage))
+    _decision_rows(row, recipe, plan)

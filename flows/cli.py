@@ -92,8 +92,15 @@ def validate(recipe: Path = typer.Argument(..., help="recipe YAML"),
         if as_json:
             print(json.dumps({"recipe": str(recipe), "valid": False, "problems": str(exc).splitlines()}, indent=2))
         raise typer.Exit(EXIT_BAD_INPUT) from None
+    warnings = []
+    if loaded.model.source == "hub" and not loaded.model.revision:
+        warnings.append(f"model.revision is not set: {loaded.model.id} is fetched at whatever the hub has now, so "
+                        "its fingerprint (and every cache key after it) changes when the repo does; pin a commit "
+                        "sha or tag")
+    for w in warnings:
+        typer.echo(f"warning: {w}", err=True)
     if as_json:
-        print(json.dumps({"recipe": str(recipe), "valid": True, "name": loaded.name,
+        print(json.dumps({"recipe": str(recipe), "valid": True, "name": loaded.name, "warnings": warnings,
                           "formats": loaded.quantization.formats, "targets": [t.name for t in loaded.targets],
                           "digest": loaded.digest()}, indent=2))
         return
@@ -134,11 +141,17 @@ def plan(recipe: Path = typer.Argument(..., help="recipe YAML"),
         table.add_row(p["format"], p["target"], p["arch"], p["action"], p["reason"] or "")
     console.print(table)
     cache = Table(title=f"stages on this machine ({device['arch']})")
-    for col in ("stage", "subject", "action", "why"):
+    for col in ("stage", "subject", "action", "why", "est."):
         cache.add_column(col)
     for s in stages:
-        cache.add_row(s["stage"], s["subject"], s["action"], s["reason"])
+        est = s.get("estimate_s")
+        cache.add_row(s["stage"], s["subject"], s["action"], s["reason"], "" if est is None else f"~{est:.0f} s")
     console.print(cache)
+    known = [s["estimate_s"] for s in stages if s.get("estimate_s") is not None]
+    unknown = sum(1 for s in stages if s["action"] == "run" and s.get("estimate_s") is None
+                  and s["stage"] not in ("gate", "promote"))
+    console.print(f"estimated time: ~{sum(known):.0f} s from this store's recorded stage times"
+                  + (f" (+ {unknown} stage(s) never timed here)" if unknown else ""), highlight=False)
 
 
 @app.command(epilog="Examples:\n\n  enginewright run recipes/demo.yaml\n\n"
@@ -241,7 +254,7 @@ def _fmt(value, spec: str = ".1f") -> str:
 def print_summary(result: dict, out: Console | None = None) -> None:
     out = out or console
     from registry.client import ui_command
-    from tasks import store
+    from tasks.decisions import gates
 
     stages = Table(title="stages")
     for col in ("stage", "subject", "time"):
@@ -252,7 +265,8 @@ def print_summary(result: dict, out: Console | None = None) -> None:
 
     load = result.get("gated_load", "concurrency=1")
     table = Table(title=f"results per format and target (latency at {load})")
-    for col in ("format", "target", "perplexity (Δ, bound)", "cloze acc (Δ)", "TTFT p50/p95 ms", "TPOT p50/p95 ms",
+    for col in ("format", "target", "perplexity (Δ, worst)", "cloze acc (Δ, worst)", "TTFT p50/p95 ms",
+                "TPOT p50/p95 ms",
                 "tok/s", "verdict", "registry"):
         table.add_column(col)
     for row in result["rows"]:
@@ -263,13 +277,12 @@ def print_summary(result: dict, out: Console | None = None) -> None:
         verdicts = {v["gate"]: v for v in row.get("verdicts", [])}
         ppl = acc.get("holdout_perplexity", {}).get("word_perplexity")
         ppl_cell = _fmt(ppl, ".2f")
-        if "holdout_perplexity" in verdicts:
-            v = verdicts["holdout_perplexity"]
-            ppl_cell += f" ({v['value']:+.1%}, ≤{v['bound']:+.1%})"
+        if gates.delta_text(verdicts.get("holdout_perplexity", {})):  # Δ: candidate - baseline (gates.delta)
+            ppl_cell += f" (Δ {gates.delta_text(verdicts['holdout_perplexity'])})"
         cloze = acc.get("holdout_cloze", {}).get("acc")
         cloze_cell = _fmt(cloze, ".3f")
-        if "holdout_cloze" in verdicts:
-            cloze_cell += f" ({-verdicts['holdout_cloze']['value']:+.3f})"
+        if gates.delta_text(verdicts.get("holdout_cloze", {})):
+            cloze_cell += f" (Δ {gates.delta_text(verdicts['holdout_cloze'])})"
         verdict = row["status"] if row["status"] != "baseline" else "baseline"
         style = {"pass": "green", "fail": "red", "undecided": "yellow"}.get(verdict, "")
         table.add_row(row["format"], row["target"], ppl_cell, cloze_cell,
@@ -285,6 +298,9 @@ def print_summary(result: dict, out: Console | None = None) -> None:
     for row in result["rows"]:
         if row["status"] in ("fail", "undecided"):
             out.print(f"  {row['format']}@{row['target']} {row['status']}: {row['reason']}", highlight=False)
+        for v in row.get("verdicts", []):
+            if not v.get("decides", True):
+                out.print(f"  {row['format']}@{row['target']} {gates.statement(v)}", highlight=False)
     for target, decision in result.get("decisions", {}).items():
         out.print(f"decision for {target}: {decision['reason']}", highlight=False)
         if decision.get("latency_note"):
@@ -295,7 +311,8 @@ def print_summary(result: dict, out: Console | None = None) -> None:
         if host and not host.get("reliable"):
             out.print(f"  [yellow]{row['format']}@{row['target']} latency {host['note']}[/yellow]", highlight=False)
     for p in result["promotions"]:
-        out.print(f"registry: {p['registered_model']} v{p['version']} -> alias {p['alias']} ({p['action']})")
+        out.print(f"registry: {p['registered_model']} v{p['version']} -> alias {p['alias']} ({p['action']}); "
+                  f"load {p.get('alias_uri') or p.get('model_uri', '')}", highlight=False)
     if not result["promotions"]:
         out.print("[yellow]nothing promoted[/yellow]: no candidate passed every gate")
     for e in result["errors"]:
@@ -304,12 +321,10 @@ def print_summary(result: dict, out: Console | None = None) -> None:
         out.print(f"wall time {result['wall_seconds']} s; MLflow run {result['run_id']}")
     if result.get("report"):
         out.print(f"decision report: {result['report']}  (also in the MLflow run under report/)")
-    out.print(f"MLflow UI:  {ui_command()}")
-    if settings().prefect_api_url:
-        out.print(f"Prefect UI: {settings().prefect_api_url.removesuffix('/api')}")
-    else:
-        out.print(f"Prefect UI: PREFECT_HOME={store.home() / 'prefect'} .venv/bin/prefect server start   "
-                      f"# then open http://127.0.0.1:4200")
+    from flows.env import prefect_ui_command
+
+    out.print(f"MLflow UI:  {ui_command()}", highlight=False, soft_wrap=True)
+    out.print(f"Prefect UI: {prefect_ui_command()}", highlight=False, soft_wrap=True)
 
 
 @app.command(epilog="Examples:\n\n  enginewright resolve smollm2-135m-reference --gpu H100\n\n"

@@ -46,3 +46,26 @@ def recipe_needs_hub(recipe) -> bool:
 
     return (recipe.model.source == "hub" or recipe.calibration.source == "hub"
             or any(t not in LOCAL_EVAL_TASKS for t in recipe.evaluation.tasks))
+
+
+def prefect_ui_url() -> str:
+    """Where the Prefect UI is: the configured server's, else where `prefect_ui_command` serves the local one."""
+    api = settings().prefect_api_url
+    return api.rstrip("/").removesuffix("/api") if api else settings().prefect_ui_url
+
+
+def prefect_ui_command() -> str:
+    """A command that serves this store's Prefect UI at `prefect_ui_url()`, as printed. A server on a port other
+    than 4200 needs its UI told where its API is (PREFECT_UI_API_URL) and the port (PREFECT_SERVER_API_PORT):
+    `prefect server start --port N` alone serves a UI that calls port 4200."""
+    import sys
+    from urllib.parse import urlsplit
+
+    if settings().prefect_api_url:
+        return f"open {prefect_ui_url()}"
+    url = urlsplit(prefect_ui_url())
+    port = url.port or 80
+    prefect_bin = os.path.join(os.path.dirname(sys.executable), "prefect")
+    return (f"PREFECT_HOME={store.home() / 'prefect'} PREFECT_SERVER_API_HOST={url.hostname} "
+            f"PREFECT_SERVER_API_PORT={port} PREFECT_UI_API_URL={prefect_ui_url()}/api "
+            f"{prefect_bin} server start --host {url.hostname} --port {port}   # then open {prefect_ui_url()}")

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 from prefect import flow
-from prefect.states import Failed
+from prefect.states import Completed, Failed
 
 from flows import prefect_edge as edge
 from flows import publish
@@ -65,7 +65,7 @@ def certify(recipe_path: str, overrides: list[str] | None = None, model_location
         tags={"model": recipe.model.slug, "model_version": model_version or "unversioned",
               "toolchain": registry_client.dumps(machine.toolchain())} | edge.mlflow_tags())
     edge.publish_mlflow_link(recipe.name, tracking.run_url(record.run_id), run_name)
-    status = "FAILED"
+    status, headline = "FAILED", ""
     try:
         _certify(recipe, base_dir, device, plan, record)
         status = "FINISHED"
@@ -73,6 +73,7 @@ def certify(recipe_path: str, overrides: list[str] | None = None, model_location
         tracking.log_dict(record.run_id, {"stages": record.stages, "rows": record.rows, "decisions": record.decisions,
                                           "promotions": record.promotions, "errors": record.errors}, "summary.json")
         publish.report(recipe, record)
+        headline = publish.decision(recipe, record)
         tracking.end_run(record.run_id, status)
     result = {"run_id": record.run_id, "stages": record.stages, "rows": record.rows, "promotions": record.promotions,
               "decisions": record.decisions, "errors": record.errors, "report": record.report,
@@ -82,7 +83,7 @@ def certify(recipe_path: str, overrides: list[str] | None = None, model_location
         return Failed(message="; ".join(record.errors), data=result)
     if result["outcome"] == "not_certified":  # CI and automations must see this: not a Completed run
         return Failed(name="NotCertified", message=message, data=result)
-    return result
+    return Completed(message=headline or message, data=result)  # the flow run's page names the winners
 
 
 def _outcome(record: RunRecord) -> tuple[str, str]:

@@ -42,8 +42,16 @@ def mlflow_tags() -> dict:
     if _context() is None:
         return {}
     return {k: v for k, v in {"prefect.flow_run_id": flow_run.id, "prefect.flow_run_name": flow_run.name,
-                              "prefect.deployment": deployment.name, "prefect.flow_run_url": flow_run.ui_url}.items()
-            if v}
+                              "prefect.deployment": deployment.name,
+                              "prefect.flow_run_url": flow_run_url(flow_run.id)}.items() if v}
+
+
+def flow_run_url(flow_run_id: str | None) -> str | None:
+    """The flow run's page, from the configured Prefect URL (Prefect's own `ui_url` is `None/...` when only the
+    temporary local API ran): the server's UI, or where the printed `prefect server start` serves this store."""
+    from flows.env import prefect_ui_url
+
+    return f"{prefect_ui_url()}/runs/flow-run/{flow_run_id}" if flow_run_id else None
 
 
 def trigger_tags(created_by) -> list[str]:

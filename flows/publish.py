@@ -17,13 +17,27 @@ def report(recipe, record) -> None:
     if not any(r["status"] != "skipped" for r in record.rows):
         return
     out = write_report(recipe=recipe, rows=record.rows, decisions=record.decisions,
-                       out_dir=store.home() / "reports" / record.run_id)
+                       out_dir=store.home() / "reports" / record.run_id, run_id=record.run_id,
+                       promotions=record.promotions)
     record.report = str(out)
     for file in out.parent.iterdir():
         registry.log_file(record.run_id, str(file), "report")
     create_markdown_artifact(markdown=inline_images(out.read_text(), out.parent),  # the UI cannot fetch local files
                              key=edge.artifact_key(recipe.name, "decision-report"),
                              description=f"{recipe.name}: decision per target (also report/report.html in MLflow)")
+
+
+def decision(recipe, record) -> str:
+    """The decision where each UI shows it first: the parent MLflow run's description (`mlflow.note.content`) and
+    tags (`decision.<target>`, its version, alias and `models:/` URI). Returns the one-line summary for the flow
+    run's state message."""
+    from tasks.decisions.report import decision_markdown, decision_tags, outcome_line, target_outcomes
+
+    outcomes = target_outcomes(record.rows, record.decisions, record.promotions)
+    if outcomes:
+        registry.set_tags(record.run_id, decision_tags(outcomes)
+                          | {"mlflow.note.content": decision_markdown(recipe.name, outcomes)})
+    return "; ".join(outcome_line(t, o) for t, o in outcomes.items())
 
 
 def calibration_origin(spec, base_dir) -> dict:

@@ -58,7 +58,17 @@ quantize_task = stage_task(quantize.quantize, name="quantize")
 build_task = stage_task(build.build, name="build")
 accuracy_task = stage_task(accuracy.measure_accuracy, name="accuracy")
 latency_task = stage_task(latency.measure_latency, name="latency")
-gate_task = task(gates.gate, name="gate", cache_policy=NO_CACHE, retries=0)
+GATE_STATE_NAMES = {"pass": "Passed", "fail": "Rejected", "undecided": "Undecided"}
+
+
+def _gate(**kwargs):
+    """gates.gate as a task whose state says the answer: `Passed`, `Rejected` or `Undecided` (all of type Completed:
+    a gate saying no is an answer, not an error), with the decision's reason as its message."""
+    decision = gates.gate(**kwargs)
+    return Completed(name=GATE_STATE_NAMES[decision.status], message=decision.reason, data=decision)
+
+
+gate_task = task(functools.wraps(gates.gate)(_gate), name="gate", cache_policy=NO_CACHE, retries=0)
 
 
 @dataclass

@@ -9,7 +9,7 @@ from pathlib import Path
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from flows.stages import RunRecord, accuracy_task, build_task, gate_task, latency_task, timed
+from flows.stages import RunRecord, accuracy_task, build_task, gate_task, latency_task, result_of, timed
 from registry import promote, tracking
 from tasks import backends
 from tasks.decisions import gates, ladder
@@ -66,7 +66,8 @@ def result_row(fmt: str, target, arch: str, status: str, reason: str = "", **ext
 
 def _log_measurements(run_id: str, accuracy, latency, *, baseline=None, decision=None) -> None:
     """Numbers as MLflow metrics (searchable, sortable): accuracy and latency percentiles; for a candidate also its
-    accuracy deltas against the baseline and every gate's value, bound, threshold and pass (1/0). lm-eval's own
+    accuracy deltas against the baseline (candidate - baseline) and every gate's value, bound, threshold and pass
+    (1/0; absent for a gate that does not decide). lm-eval's own
     results JSON goes with them."""
     metrics = _metrics_of(accuracy, latency)
     if baseline is not None:
@@ -75,7 +76,8 @@ def _log_measurements(run_id: str, accuracy, latency, *, baseline=None, decision
     if decision is not None:
         metrics |= {f"gate.{v.gate}.{k}": getattr(v, k) for v in decision.verdicts
                     for k in ("value", "bound", "threshold") if getattr(v, k) is not None}
-        metrics |= {f"gate.{v.gate}.pass": v.verdict == "pass" for v in decision.verdicts}
+        # a gate that does not decide has no pass metric (0 would read as a failure); its tag says why
+        metrics |= {f"gate.{v.gate}.pass": p for v in decision.verdicts if (p := gates.deciding_pass(v)) is not None}
         metrics["gates.pass"] = decision.status == "pass"
     tracking.log_metrics(run_id, metrics)
     results = Path(accuracy.path) / LM_EVAL_RESULTS
@@ -170,11 +172,12 @@ def _evaluate_rung(recipe, target, arch, model, calib, fmt, q, base, device, spe
                              skip_latency=lambda acc: gates.latency_not_needed(
                                  baseline_items_file=base_acc.items_file, candidate_items_file=acc.items_file,
                                  gates=recipe.gates))
-        decision = gate_task.with_options(task_run_name=f"gate {fmt}@{target.name}")(
+        decision = result_of(gate_task.with_options(task_run_name=f"gate {fmt}@{target.name}")(
             baseline_items_file=base_acc.items_file, candidate_items_file=acc.items_file,
             baseline_latency=base_lat.summary[load], candidate_latency=lat.summary[load], gates=recipe.gates,
-            latency_note=speed_note)
+            latency_note=speed_note))
         tracking.set_tags(run_id, {"decision": decision.status, "artifact_fingerprint": profile.fingerprint,
+                                   **{f"gate.{v.gate}": gates.verdict_label(v) for v in decision.verdicts},
                                    **gates.latency_tags(speed_note, lat.summary[load]),
                                    **_measured_tags(recipe, speed_note, lat)})
         _log_measurements(run_id, acc, lat, baseline=base_acc, decision=decision)

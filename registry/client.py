@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import json
 import subprocess
+import sys
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import mlflow
 from mlflow import MlflowClient
@@ -36,21 +38,43 @@ def client() -> MlflowClient:
     return MlflowClient(uri)
 
 
-def ui_command() -> str:
+def ui_url() -> str:
+    """Where the MLflow UI is: the tracking server, or where `ui_command` serves the local store."""
     uri = tracking_uri()
-    if uri.startswith("sqlite:"):
-        return f".venv/bin/mlflow ui --backend-store-uri {uri} --port 5000   # then open http://127.0.0.1:5000"
-    return f"open {uri}"
+    return uri.rstrip("/") if uri.startswith(("http://", "https://")) else settings().mlflow_ui_url
+
+
+def ui_command() -> str:
+    """A command that serves this store's MLflow UI at `ui_url()`, as printed (absolute paths, its own port)."""
+    uri = tracking_uri()
+    if not uri.startswith("sqlite:"):
+        return f"open {uri}"
+    url = urlsplit(ui_url())
+    mlflow_bin = Path(sys.executable).parent / "mlflow"
+    return (f"{mlflow_bin} ui --backend-store-uri {uri} --host {url.hostname} --port {url.port or 80}"
+            f"   # then open {ui_url()}/#/experiments{UI_QUERY}")
+
+
+# The experiment tag MLflow's UI reads to choose an experiment's kind (MLflow 3.17: mlflow/assistant/skills/
+# mlflow-onboarding/SKILL.md "Check the Experiment Type Tag"; the UI's enum in server/js/build/static/js/main.*.js:
+# GENAI_DEVELOPMENT="genai_development", CUSTOM_MODEL_DEVELOPMENT="custom_model_development"). Unset, 3.17 opens on
+# an empty GenAI traces view and hides the Model Registry; this kind opens on the runs table.
+EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
+# Seen in headless Chromium on 3.17.2: with a fresh browser profile the UI's GenAI / "Model training" toggle
+# (localStorage `mlflow.workflowType`, default genai) overrides the tag; a link's `workflowType` parameter sets it.
+UI_QUERY = "?workflowType=machine_learning"
 
 
 def experiment_id(name: str) -> str:
     c = client()
     exp = c.get_experiment_by_name(name)
     if exp is not None:
+        if EXPERIMENT_KIND_TAG not in exp.tags:  # created before the kind was set: set it once
+            c.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
         return exp.experiment_id
     location = None if not tracking_uri().startswith("sqlite:") else (store.home() / "mlartifacts").as_uri()
     try:
-        return c.create_experiment(name, artifact_location=location)
+        return c.create_experiment(name, artifact_location=location, tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
     except MlflowException:  # created concurrently
         return c.get_experiment_by_name(name).experiment_id
 

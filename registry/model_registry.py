@@ -187,6 +187,23 @@ def promote(*, name: str, version: str, alias: str, challenger_alias: str, compa
                       f"{why}"}
 
 
+def set_version_tags(name: str, version: str, tags: dict) -> None:
+    """Tags known only once the version exists (its own `models:/` URI)."""
+    c = client()
+    for k, v in tags.items():
+        c.set_model_version_tag(name, version, k, str(v))
+
+
+def describe_model(name: str, description: str) -> None:
+    """The registered model's description: what its page says first (which version serves which arch)."""
+    client().update_registered_model(name, description=description)
+
+
+def aliases(name: str) -> dict[str, str]:
+    """alias -> version of a registered model."""
+    return {a: str(v) for a, v in (client().get_registered_model(name).aliases or {}).items()}
+
+
 class UnknownModel(BadInput):
     """No registered model of that name."""
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import mlflow
 from mlflow.exceptions import MlflowException
 
-from registry.client import client, code_version, experiment_id, tracking_uri, unique_key_collision
+from registry.client import UI_QUERY, client, code_version, experiment_id, ui_url, unique_key_collision
 from tasks import store
 from tasks.host import liveness
 
@@ -95,10 +95,9 @@ def _log_batch(run_id: str, metrics: list) -> None:
 
 
 def run_url(run_id: str) -> str:
-    """The run's page in the MLflow UI (for a local SQLite store: where `mlflow ui` serves it)."""
+    """The run's page in the MLflow UI (for a local SQLite store: where the printed `mlflow ui` serves it)."""
     run = client().get_run(run_id)
-    base = tracking_uri() if tracking_uri().startswith(("http://", "https://")) else "http://127.0.0.1:5000"
-    return f"{base.rstrip('/')}/#/experiments/{run.info.experiment_id}/runs/{run_id}"
+    return f"{ui_url()}/#/experiments/{run.info.experiment_id}/runs/{run_id}{UI_QUERY}"
 
 
 def log_dict(run_id: str, data: dict | list, artifact_file: str) -> None:

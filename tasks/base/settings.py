@@ -24,6 +24,10 @@ WEBHOOK_TOLERANCE_S = "ENGINEWRIGHT_WEBHOOK_TOLERANCE_S"
 WEBHOOK_MAX_BYTES = "ENGINEWRIGHT_WEBHOOK_MAX_BYTES"
 WEBHOOK_BODY_TIMEOUT_S = "ENGINEWRIGHT_WEBHOOK_BODY_TIMEOUT_S"
 VLLM_PYTHON = "ENGINEWRIGHT_VLLM_PYTHON"
+# Where the local UIs are served when no server is configured (the printed `mlflow ui` / `prefect server start`
+# commands and every link use these); defaults clear of the compose stack's 5000 and 4200.
+MLFLOW_UI_URL = "ENGINEWRIGHT_MLFLOW_UI_URL"
+PREFECT_UI_URL = "ENGINEWRIGHT_PREFECT_UI_URL"
 # Not ours, but read here too so that no other module reads the environment for them.
 MLFLOW_TRACKING_URI = "MLFLOW_TRACKING_URI"
 PREFECT_API_URL = "PREFECT_API_URL"
@@ -46,6 +50,8 @@ class Settings:
     vllm_python: str | None
     mlflow_tracking_uri: str | None
     prefect_api_url: str | None
+    mlflow_ui_url: str = "http://127.0.0.1:5050"
+    prefect_ui_url: str = "http://127.0.0.1:4250"
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -66,6 +72,8 @@ class Settings:
             vllm_python=env.get(VLLM_PYTHON) or None,
             mlflow_tracking_uri=env.get(MLFLOW_TRACKING_URI) or None,
             prefect_api_url=env.get(PREFECT_API_URL) or None,
+            mlflow_ui_url=(env.get(MLFLOW_UI_URL) or "http://127.0.0.1:5050").rstrip("/"),
+            prefect_ui_url=(env.get(PREFECT_UI_URL) or "http://127.0.0.1:4250").rstrip("/"),
         )
 
 

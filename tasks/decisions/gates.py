@@ -33,6 +33,8 @@ class GateVerdict:
     verdict: str  # pass | fail | undecided
     reason: str
     decides: bool = True  # False: reported only (latency measured on a runtime whose speed is not a deployment's)
+    kind: str = ""  # perplexity | score | latency: how `value` relates to candidate - baseline (see delta())
+    not_deciding: str = ""  # why it does not decide (decides=False)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -79,7 +81,8 @@ def accuracy_verdict(task: str, pairs: pd.DataFrame, *, tolerance: float, kind: 
     n = len(pairs)
     label = "relative perplexity increase" if kind == "perplexity" else "score drop"
     if n < 2:
-        return GateVerdict(task, None, None, None, None, tolerance, n, "undecided", f"only {n} paired item(s)")
+        return GateVerdict(task, None, None, None, None, tolerance, n, "undecided", f"only {n} paired item(s)",
+                           kind=kind)
     point, boot = degradation_samples(pairs, kind, resamples=resamples, seed=seed)
     upper = float(np.quantile(boot, confidence))
     lower = float(np.quantile(boot, 1 - confidence))
@@ -98,7 +101,7 @@ def accuracy_verdict(task: str, pairs: pd.DataFrame, *, tolerance: float, kind: 
                                         f"(interval half-width {upper - point:.4f}); raise evaluation.limit")
     else:
         verdict, reason = "fail", f"{stated}: bound exceeds tolerance"
-    return GateVerdict(task, base, cand, point, upper, tolerance, n, verdict, reason)
+    return GateVerdict(task, base, cand, point, upper, tolerance, n, verdict, reason, kind=kind)
 
 
 def accuracy_verdicts(baseline_items: pd.DataFrame, candidate_items: pd.DataFrame,
@@ -125,7 +128,7 @@ def latency_verdicts(baseline: dict, candidate: dict, gates: GatesSpec) -> list[
         names = [n for n in ("ttft_p95_ms", "tpot_p95_ms") if getattr(gates.latency, n) is not None]
         names += ["min_speedup"] if gates.latency.min_speedup is not None else []
         return [GateVerdict(n, None, None, None, None, getattr(gates.latency, n), None, NOT_MEASURED, why,
-                            decides=False) for n in names]
+                            decides=False, kind="latency", not_deciding=why) for n in names]
     verdicts = []
     slos = {"ttft_p95_ms": "ttft_ms_p95", "tpot_p95_ms": "tpot_ms_p95"}
     for gate_name, key in slos.items():
@@ -135,7 +138,8 @@ def latency_verdicts(baseline: dict, candidate: dict, gates: GatesSpec) -> list[
         value = candidate.get(key)
         ok = value is not None and value <= limit
         verdicts.append(GateVerdict(gate_name, baseline.get(key), value, value, None, limit, candidate.get("requests"),
-                                    "pass" if ok else "fail", f"{key} {_ms(value)} vs SLO {limit:.1f} ms"))
+                                    "pass" if ok else "fail", f"{key} {_ms(value)} vs SLO {limit:.1f} ms",
+                                    kind="latency"))
     if gates.latency.min_speedup is not None:
         b, c = baseline.get("output_tokens_per_s"), candidate.get("output_tokens_per_s")
         speedup = c / b if b and c else None
@@ -144,7 +148,7 @@ def latency_verdicts(baseline: dict, candidate: dict, gates: GatesSpec) -> list[
                                     candidate.get("requests"), "pass" if ok else "fail",
                                     f"output tokens/s {_num(c)} vs baseline {_num(b)}: speedup "
                                     f"{'not measured' if speedup is None else f'{speedup:.2f}x'}, "
-                                    f"minimum {gates.latency.min_speedup:.2f}x"))
+                                    f"minimum {gates.latency.min_speedup:.2f}x", kind="latency"))
     return verdicts
 
 
@@ -195,7 +199,8 @@ def gate(*, baseline_items_file: str, candidate_items_file: str, baseline_latenc
     latency = latency_verdicts(baseline_latency, candidate_latency, gates)
     if latency_note:
         latency = [v if v.verdict == NOT_MEASURED else
-                   replace(v, decides=False, reason=f"{v.reason} (not deciding: {latency_note})") for v in latency]
+                   replace(v, decides=False, not_deciding=latency_note,
+                           reason=f"{v.reason} (not deciding: {latency_note})") for v in latency]
     return decide(accuracy_verdicts(base, cand, gates) + latency)
 
 
@@ -223,3 +228,80 @@ def latency_load(spec: LatencySpec, gates: GatesSpec, latency_note: str | None) 
                    f"{small.requests} requests after {small.warmup} warm-up (recipe: concurrency {spec.concurrency}, "
                    f"rates {spec.request_rates}, {spec.requests} requests; latency.full_on_reference: true "
                    "measures it all)")
+
+
+# How every place (CLI table, report, MLflow tags and metrics, version description) states a verdict and a delta:
+# one function each, so they cannot disagree. Verdicts may be GateVerdicts or their as_dict() form (run records).
+# Sign convention: a delta is candidate - baseline, in the metric's own direction (perplexity: relative change of
+# word perplexity, + is worse; a score such as cloze accuracy: absolute change, - is worse). A gate's `value` is the
+# degradation (+ is worse for both), so a score's delta is -value and its worst case is -bound.
+
+_DEFAULTS = {"decides": True, "kind": "", "not_deciding": ""}
+
+
+def _get(v, key):
+    return v.get(key, _DEFAULTS.get(key)) if isinstance(v, dict) else getattr(v, key)
+
+
+def _kind(v) -> str:
+    """The verdict's kind; a record written before verdicts carried one: an accuracy gate has a bound."""
+    kind = _get(v, "kind")
+    if kind or _get(v, "bound") is None:
+        return kind
+    return "perplexity" if "perplexity" in str(_get(v, "gate")) else "score"
+
+
+def verdict_label(v) -> str:
+    """pass | fail | undecided, or `not deciding: <why>` for a gate that is reported only (never "fail")."""
+    if not _get(v, "decides"):
+        return f"not deciding: {_get(v, 'not_deciding') or 'reported only'}"
+    return _get(v, "verdict")
+
+
+def deciding_pass(v) -> bool | None:
+    """1/0 for MLflow's `gate.<g>.pass`; None (no metric) for a gate that does not decide."""
+    return (_get(v, "verdict") == "pass") if _get(v, "decides") else None
+
+
+def delta(v) -> tuple[float | None, float | None]:
+    """(candidate - baseline, its worst case at the gate's confidence) for an accuracy gate; (None, None) else."""
+    kind, value, bound = _kind(v), _get(v, "value"), _get(v, "bound")
+    if value is None or kind not in ("perplexity", "score"):
+        return None, None
+    sign = 1.0 if kind == "perplexity" else -1.0
+    return sign * value, None if bound is None else sign * bound
+
+
+def delta_text(v, *, with_bound: bool = True) -> str:
+    """e.g. `+2.1% (≤ +4.3%)` for perplexity, `-0.020 (≥ -0.051)` for a score; "" when there is none."""
+    d, worst = delta(v)
+    if d is None:
+        return ""
+    pct = _kind(v) == "perplexity"
+    text = f"{d:+.1%}" if pct else f"{d:+.3f}"
+    if with_bound and worst is not None:
+        text += f" (≤ {worst:+.1%})" if pct else f" (≥ {worst:+.3f})"
+    return text
+
+
+def human(x) -> str:
+    """A number as a person reads it: 15245.5, 0.0213, 2000 (never 17 digits)."""
+    if x is None:
+        return "none"
+    if isinstance(x, bool) or not isinstance(x, (int, float)):
+        return str(x)
+    if float(x).is_integer():
+        return str(int(x))
+    return f"{x:.1f}" if abs(x) >= 100 else f"{x:.4g}"
+
+
+def statement(v) -> str:
+    """One gate, in words: `holdout_cloze pass: Δ -0.020 (≥ -0.051), tolerance 0.1, n=100`."""
+    d = delta_text(v)
+    if d:
+        what = f"Δ {d}"
+    else:
+        what = f"value {human(_get(v, 'value'))}"
+    n = _get(v, "n")
+    return (f"{_get(v, 'gate')} {verdict_label(v)}: {what}, threshold {human(_get(v, 'threshold'))}"
+            + (f", n={n}" if n is not None else ""))

@@ -9,6 +9,8 @@ import html
 import re
 from pathlib import Path
 
+from tasks.decisions import gates
+
 IMAGE_LINK = re.compile(r"!\[([^\]]*)\]\(([^)\s]+\.png)\)")
 
 
@@ -48,7 +50,7 @@ def _latency_plot(target: str, rows: list[dict], load: str, slos: dict, path: Pa
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    fig, axes = plt.subplots(1, 2, figsize=(8.5, 3.6))  # 935 px: fits a ~1000 px pane
     for ax, metric in zip(axes, ("ttft", "tpot")):
         for row in rows:
             summary = row.get("latency", {}).get(load, {})
@@ -97,18 +99,110 @@ def _recovery_lines(rows: list[dict]) -> list[str]:
     return ["", "Recovery rungs:", *out] if out else []
 
 
-def write_report(*, recipe, rows: list[dict], decisions: dict[str, dict], out_dir: Path) -> Path:
-    """Write report.md and one pair of PNGs per target into out_dir; returns the Markdown file."""
+STATUS_WORDS = {"pass": "passed", "fail": "rejected", "undecided": "undecided", "baseline": "baseline"}
+
+
+def target_outcomes(rows: list[dict], decisions: dict[str, dict], promotions: list[dict] | None) -> dict[str, dict]:
+    """Per target: the chosen format, its version, alias and `models:/` URIs (None where nothing was promoted) and
+    why each other evaluated rung lost. What the parent run's tags and description, the flow run's message and the
+    report's header all say."""
+    out = {}
+    for target, decision in decisions.items():
+        promo = next((p for p in promotions or [] if p.get("target") == target), None)
+        losers = [f"{r['format']} {STATUS_WORDS.get(r['status'], r['status'])}: {r.get('reason', '')}"
+                  for r in rows if r["target"] == target and r["status"] in ("fail", "undecided")]
+        out[target] = {"format": decision.get("format"), "reason": decision.get("reason", ""),
+                       "latency_note": decision.get("latency_note"),
+                       "registered_model": promo and promo.get("registered_model"),
+                       "version": promo and str(promo.get("version")), "alias": promo and promo.get("alias"),
+                       "action": promo and promo.get("action"),
+                       "model_uri": promo and (promo.get("model_uri")
+                                               or f"models:/{promo['registered_model']}/{promo['version']}"),
+                       "alias_uri": promo and (promo.get("alias_uri")
+                                               or f"models:/{promo['registered_model']}@{promo['alias']}"),
+                       "losers": losers}
+    return out
+
+
+def outcome_line(target: str, o: dict) -> str:
+    """`local: fp8 → smollm2-135m-reference v1, alias champion-cpu-x86-64 (moved)`, or why nothing was."""
+    if o["format"] is None:
+        return f"{target}: nothing certified"
+    if not o["version"]:
+        return f"{target}: {o['format']} chosen, not registered"
+    return (f"{target}: {o['format']} → {o['registered_model']} v{o['version']}, alias {o['alias']} "
+            f"({o['action']})")
+
+
+def decision_tags(outcomes: dict[str, dict]) -> dict:
+    """The parent run's tags: `decision.<target>` and its version, alias and URI."""
+    tags = {}
+    for target, o in outcomes.items():
+        tags[f"decision.{target}"] = outcome_line(target, o).split(": ", 1)[1]
+        if o["version"]:
+            tags |= {f"decision.{target}.format": o["format"], f"decision.{target}.version": o["version"],
+                     f"decision.{target}.alias": o["alias"], f"decision.{target}.model_uri": o["alias_uri"],
+                     f"decision.{target}.version_uri": o["model_uri"]}
+    return tags
+
+
+def decision_markdown(recipe_name: str, outcomes: dict[str, dict]) -> str:
+    """The parent run's description (`mlflow.note.content`): the decision first, why the others lost below."""
+    lines = [f"**Decision** (recipe `{recipe_name}`)", ""]
+    for target, o in outcomes.items():
+        lines.append(f"- **{outcome_line(target, o)}**"
+                     + (f"; load with `{o['alias_uri']}`" if o["alias_uri"] else ""))
+        lines.append(f"  - why: {o['reason']}")
+        lines += [f"  - {loser}" for loser in o["losers"]]
+        if o["latency_note"]:
+            lines.append(f"  - latency did not decide: {o['latency_note']}")
+    return "\n".join(lines)
+
+
+def _header(recipe, rows, decisions, run_id, promotions, outcomes) -> list[str]:
+    import time
+
+    acc = recipe.gates.accuracy
+    tolerances = ", ".join(f"{task} {'relative increase' if g.max_relative_increase is not None else 'drop'} ≤ "
+                           f"{g.max_relative_increase if g.max_relative_increase is not None else g.max_drop:g}"
+                           for task, g in acc.tasks.items())
+    slos = ", ".join(f"{k} ≤ {v:g}" for k, v in recipe.gates.latency.model_dump().items()
+                     if k in ("ttft_p95_ms", "tpot_p95_ms", "min_speedup") and v is not None)
+    lines = [f"# Decision report: {recipe.name}", "",
+             f"Model **{recipe.model.slug}** · {time.strftime('%Y-%m-%d %H:%M %Z')}"
+             + (f" · MLflow run `{run_id}`" if run_id else ""), ""]
+    for target, o in outcomes.items():
+        lines.append(f"**{outcome_line(target, o)}**" + (f" · load: `{o['alias_uri']}`" if o["alias_uri"] else ""))
+        lines.append("")
+    n = sorted({v["n"] for r in rows for v in r.get("verdicts", []) if v.get("n") is not None and v.get("bound")
+                is not None})
+    baselines = [r for r in rows if r["status"] == "baseline"]
+    base_vals = "; ".join(f"{r['target']}: " + ", ".join(f"{task} {k} {gates.human(v)}"
+                                                        for task, vals in (r.get("accuracy") or {}).items()
+                                                        for k, v in vals.items() if k in ("word_perplexity", "acc"))
+                          for r in baselines)
+    lines += [f"- items per accuracy gate: {', '.join(map(str, n)) or 'none'} (held-out; evaluation.limit "
+              f"{recipe.evaluation.limit})",
+              f"- baseline (unquantized): {base_vals or 'not measured'}",
+              f"- accuracy tolerances: {tolerances}; one-sided {acc.confidence:.0%} paired-bootstrap bound",
+              f"- latency SLOs at `{recipe.gated_load}`: {slos or 'none'}",
+              f"- ladder `{recipe.ladder.strategy}` (metric `{recipe.ladder.metric}`)",
+              "- Δ is candidate − baseline (perplexity: relative, + is worse; cloze: absolute, − is worse); "
+              "in brackets the worst case at the bound", ""]
+    return lines
+
+
+def write_report(*, recipe, rows: list[dict], decisions: dict[str, dict], out_dir: Path, run_id: str | None = None,
+                 promotions: list[dict] | None = None) -> Path:
+    """Write report.md and one pair of PNGs per target into out_dir; returns the Markdown file. The table is narrow
+    enough for a ~1000 px pane: reasons and host notes are numbered notes below it."""
     out_dir.mkdir(parents=True, exist_ok=True)
     load = recipe.gated_load
     ppl_gate = recipe.gates.accuracy.tasks.get("holdout_perplexity")
     tolerance = ppl_gate.max_relative_increase if ppl_gate else None
     slos = recipe.gates.latency.model_dump()
-    lines = [f"# Decision report: {recipe.name}", "",
-             f"Ladder strategy `{recipe.ladder.strategy}` (metric `{recipe.ladder.metric}`); "
-             f"latency gates at `{load}`; "
-             f"accuracy gates: one-sided {recipe.gates.accuracy.confidence:.0%} paired-bootstrap bound "
-             f"within tolerance.", ""]
+    outcomes = target_outcomes(rows, decisions, promotions)
+    lines = _header(recipe, rows, decisions, run_id, promotions, outcomes)
     for target in dict.fromkeys(r["target"] for r in rows):
         trows = [r for r in rows if r["target"] == target]
         decision = decisions.get(target, {})
@@ -119,30 +213,39 @@ def write_report(*, recipe, rows: list[dict], decisions: dict[str, dict], out_di
                       "are the reference runtime's speed, shown for information.", ""]
         if reduced := next((r["latency_load"] for r in trows if r.get("latency_load")), None):
             lines += [f"**Latency load:** {reduced}.", ""]
-        lines += ["| format | status | perplexity Δ (bound) | cloze Δ (bound) | TTFT p50/p95 ms | TPOT p50/p95 ms "
-                  "| tok/s | host load | reason |",
-                  "|---|---|---|---|---|---|---|---|---|"]
+        lines += ["| format | verdict | perplexity Δ | cloze Δ | p95 ms TTFT/TPOT | tok/s | notes |",
+                  "|---|---|---|---|---|---|---|"]
+        notes: list[str] = []
+
+        def note(text: str) -> str:
+            notes.append(text)
+            return f"[{len(notes)}]"
+
         for r in trows:
             v = {x["gate"]: x for x in r.get("verdicts", [])}
             lat = r.get("latency", {}).get(load, {})
 
-            def cell(gate, pct):
-                x = v.get(gate)
-                if not x or x["value"] is None:
-                    return ""
-                return f"{x['value']:+.2%} (≤{x['bound']:+.2%})" if pct else f"{x['value']:+.3f} (≤{x['bound']:+.3f})"
-
             def num(key):
                 return "" if lat.get(key) is None else f"{lat[key]:.1f}"
 
+            marks = []
+            if r["status"] not in ("pass", "baseline") and r.get("reason"):
+                marks.append(note(f"**{r['format']}** {STATUS_WORDS.get(r['status'], r['status'])}: {r['reason']}"))
+            for x in r.get("verdicts", []):
+                if not x.get("decides", True):
+                    marks.append(note(f"**{r['format']}** {gates.statement(x)}"))
+            if _host(lat) and not (lat.get("host_load") or {}).get("reliable", True):
+                marks.append(note(f"**{r['format']}** latency: {_host(lat)}"))
             if lat.get("not_measured"):  # no decision could use it (e.g. its accuracy gate had already failed)
-                speed = f"not measured: {lat['not_measured']} | | | |"
+                why = note(f"**{r['format']}** latency not measured: {lat['not_measured']}")
+                speed = f"not measured {why} | |"
             else:
-                speed = (f"{num('ttft_ms_p50')}/{num('ttft_ms_p95')} | {num('tpot_ms_p50')}/{num('tpot_ms_p95')} | "
-                         f"{num('output_tokens_per_s')} | {_host(lat)} |")
-            lines.append(f"| {r['format']} | {r['status']} | {cell('holdout_perplexity', True)} | "
-                         f"{cell('holdout_cloze', False)} | {speed} "
-                         f"{r.get('reason', '') if r['status'] not in ('pass', 'baseline') else ''} |")
+                speed = f"{num('ttft_ms_p95')}/{num('tpot_ms_p95')} | {num('output_tokens_per_s')} |"
+            status = STATUS_WORDS.get(r["status"], r["status"])
+            lines.append(f"| {r['format']} | {status} | {gates.delta_text(v.get('holdout_perplexity', {}))} | "
+                         f"{gates.delta_text(v.get('holdout_cloze', {}))} | {speed} {' '.join(marks)} |")
+        if notes:
+            lines += ["", "Notes:", ""] + [f"{i}. {text}" for i, text in enumerate(notes, 1)]
         lines += _recovery_lines(trows)
         measured = [r for r in trows if r.get("latency")]
         if measured:

@@ -164,13 +164,19 @@ def measure_accuracy(*, profile_dir: str, profile_fp: str, backend_name: str, sp
                           manifest["seconds"], cached)
 
 
-def _write_lm_eval_results(results: dict, path: Path) -> None:
+def _write_lm_eval_results(results: dict, path: Path, *, written_in: Path | None = None,
+                           final: Path | None = None) -> None:
     """lm-eval's own results JSON (results with stderr, task configs, versions, n-samples, its run config), as its
-    CLI writes it, minus the per-item samples (kept in items.parquet)."""
+    CLI writes it, minus the per-item samples (kept in items.parquet). Paths into the temporary directory it was
+    written in (`written_in`, e.g. each task config's data file) are rewritten to where the output ends up
+    (`final`): the temporary directory is gone once the output is in place."""
     from lm_eval.utils import handle_non_serializable
 
-    path.write_text(json.dumps({k: v for k, v in results.items() if k != "samples"}, indent=2,
-                               default=handle_non_serializable, ensure_ascii=False))
+    text = json.dumps({k: v for k, v in results.items() if k != "samples"}, indent=2,
+                      default=handle_non_serializable, ensure_ascii=False)
+    if written_in is not None and final is not None:
+        text = text.replace(str(Path(written_in).resolve()), str(Path(final).resolve()))
+    path.write_text(text)
 
 
 def _run(profile_dir, backend_name, spec, inputs, key, out) -> dict:
@@ -195,7 +201,7 @@ def _run(profile_dir, backend_name, spec, inputs, key, out) -> dict:
                                               bootstrap_iters=STDERR_BOOTSTRAP)
         rows = [r for task in results["samples"] for r in per_item_rows(task, results["samples"][task])]
         pd.DataFrame(rows).to_parquet(tmp / "items.parquet", index=False)
-        _write_lm_eval_results(results, tmp / LM_EVAL_RESULTS)
+        _write_lm_eval_results(results, tmp / LM_EVAL_RESULTS, written_in=tmp, final=out)
         metrics = {task: {k.split(",")[0]: v for k, v in vals.items()
                           if isinstance(v, (int, float)) and not k.startswith("sample_len") and "_stderr" not in k}
                    for task, vals in results["results"].items()}

@@ -151,3 +151,21 @@ def test_each_bad_input_exits_2_from_validate_naming_the_field_fast_and_before_a
         # the validation itself; importing the CLI (typer, rich, pydantic models) takes 0.6 s on an idle 2-core box
         # and more under load, so it is bounded apart, loosely
         assert answer["validate_s"] < 2.0 and answer["import_s"] < 10, (case, answer)
+
+
+def test_validate_warns_about_a_hub_model_without_a_revision(tmp_path):
+    from pathlib import Path
+
+    import yaml
+
+    data = yaml.safe_load((Path(__file__).resolve().parents[3] / "recipes" / "demo.yaml").read_text())
+    data["model"] = {"source": "hub", "id": "HuggingFaceTB/SmolLM2-135M-Instruct"}
+    path = tmp_path / "hub.yaml"
+    path.write_text(yaml.safe_dump(data))
+    unpinned = runner.invoke(app, ["validate", str(path), "--json"])
+    assert unpinned.exit_code == 0 and "model.revision is not set" in unpinned.stderr
+    assert json.loads(unpinned.stdout)["warnings"]
+    data["model"]["revision"] = "12fd25f77366fa6b3b4b768ec3050bf629380bac"
+    path.write_text(yaml.safe_dump(data))
+    pinned = runner.invoke(app, ["validate", str(path), "--json"])
+    assert pinned.exit_code == 0 and "warning" not in pinned.stderr and json.loads(pinned.stdout)["warnings"] == []

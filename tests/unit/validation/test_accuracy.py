@@ -80,3 +80,18 @@ def test_a_bf16_profile_is_scored_in_float32(tiny_model_dir, tmp_path):
             logits = lm.model(torch.tensor([ids])).logits[0, :-1].float()
         expected = logits.log_softmax(-1).gather(1, torch.tensor(ids[1:])[:, None]).sum().item()
     assert got == pytest.approx(expected, abs=1e-3)
+
+
+def test_lm_eval_results_point_at_the_output_not_the_deleted_temp_dir(tmp_path):
+    import json
+
+    from tasks.validation.accuracy import _write_lm_eval_results
+
+    tmp, final = tmp_path / ".tmp-abc", tmp_path / "accuracy" / "key"
+    results = {"configs": {"holdout_cloze": {"dataset_kwargs": {"data_files": {"test": str(tmp / "cloze.jsonl")}}}},
+               "samples": {"x": []}}
+    out = tmp_path / "results.json"
+    _write_lm_eval_results(results, out, written_in=tmp, final=final)
+    written = json.loads(out.read_text())
+    assert written["configs"]["holdout_cloze"]["dataset_kwargs"]["data_files"]["test"] == str(final / "cloze.jsonl")
+    assert "samples" not in written and str(tmp) not in out.read_text()
