@@ -151,3 +151,20 @@ def test_each_bad_input_exits_2_from_validate_naming_the_field_fast_and_before_a
         # the validation itself; importing the CLI (typer, rich, pydantic models) takes 0.6 s on an idle 2-core box
         # and more under load, so it is bounded apart, loosely
         assert answer["validate_s"] < 2.0 and answer["import_s"] < 10, (case, answer)
+
+
+def test_verify_store_exits_3_naming_the_damaged_file():
+    from tasks import store
+
+    out = store.stage_dir("models", "cli")
+    with store.atomic_dir(out) as tmp:
+        (tmp / "w.bin").write_bytes(b"weights" * 100)
+        store.write_manifest(tmp, {"stage": "models", "key": "cli"})
+    clean = runner.invoke(app, ["verify-store"])
+    assert clean.exit_code == 0 and "1 entry" in clean.stdout and "0 damaged" in clean.stdout, clean.output
+    with open(out / "w.bin", "r+b") as f:
+        f.seek(3)
+        f.write(b"X")
+    damaged = runner.invoke(app, ["verify-store"])
+    assert damaged.exit_code == 3 and "1 damaged" in damaged.stdout, damaged.output
+    assert f"{out / 'w.bin'}: sha256" in damaged.stderr
