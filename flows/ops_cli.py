@@ -87,8 +87,9 @@ def report_cleanup(marked: dict[str, list[dict]]) -> None:
     for run in marked["flow_runs"]:
         console.print(f"Prefect flow run {run['flow_run_id']} ({run['name']}) marked Crashed: {run['reason']}",
                       highlight=False)
-    for pid in marked["servers"]:
-        console.print(f"stopped Prefect's temporary server (pid {pid}) left by a killed run", highlight=False)
+    for server in marked["servers"]:
+        console.print(f"stopped {server['what']} (pid {server['pid']}) of home {server['home']}, left by a killed run: "
+                      f"{server['reason']}", highlight=False)
 
 
 def cleanup() -> None:

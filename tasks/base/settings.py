@@ -13,6 +13,7 @@ from typing import Mapping
 
 HOME = "ENGINEWRIGHT_HOME"
 OWNER = "ENGINEWRIGHT_OWNER"
+SERVER = "ENGINEWRIGHT_SERVER"  # set in a model server's environment (tasks/backends/serving.py): what it is
 SHARE_ARTIFACTS = "ENGINEWRIGHT_SHARE_ARTIFACTS"
 PROJECT_DIR = "ENGINEWRIGHT_PROJECT_DIR"
 WORK_POOL = "ENGINEWRIGHT_WORK_POOL"
@@ -27,6 +28,8 @@ VLLM_PYTHON = "ENGINEWRIGHT_VLLM_PYTHON"
 # Not ours, but read here too so that no other module reads the environment for them.
 MLFLOW_TRACKING_URI = "MLFLOW_TRACKING_URI"
 PREFECT_API_URL = "PREFECT_API_URL"
+PREFECT_HOME = "PREFECT_HOME"
+PREFECT_DATABASE_URL = "PREFECT_API_DATABASE_CONNECTION_URL"
 
 
 @dataclass(frozen=True)
@@ -46,6 +49,8 @@ class Settings:
     vllm_python: str | None
     mlflow_tracking_uri: str | None
     prefect_api_url: str | None
+    prefect_home: str | None
+    prefect_database_url: str | None
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -66,6 +71,8 @@ class Settings:
             vllm_python=env.get(VLLM_PYTHON) or None,
             mlflow_tracking_uri=env.get(MLFLOW_TRACKING_URI) or None,
             prefect_api_url=env.get(PREFECT_API_URL) or None,
+            prefect_home=env.get(PREFECT_HOME) or None,
+            prefect_database_url=env.get(PREFECT_DATABASE_URL) or None,
         )
 
 
