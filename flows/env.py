@@ -19,7 +19,7 @@ def configure(*, offline: bool) -> None:
     """
     home = store.home()
     home.mkdir(parents=True, exist_ok=True)
-    os.environ.setdefault(names.HOME, str(home))
+    os.environ[names.HOME] = str(home)  # absolute: what this process starts names its home (cleanup compares it)
     os.environ[names.OWNER] = liveness.owner_token()  # so `enginewright cleanup` can tell our orphans
     if not settings().prefect_api_url:
         os.environ.setdefault("PREFECT_HOME", str(home / "prefect"))

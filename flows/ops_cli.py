@@ -1,5 +1,5 @@
 """Production commands, added to the `enginewright` CLI by flows/cli.py: `deploy`, `webhook serve`, `cleanup`,
-`warmup`."""
+`verify-store`, `warmup`."""
 
 from __future__ import annotations
 
@@ -87,8 +87,9 @@ def report_cleanup(marked: dict[str, list[dict]]) -> None:
     for run in marked["flow_runs"]:
         console.print(f"Prefect flow run {run['flow_run_id']} ({run['name']}) marked Crashed: {run['reason']}",
                       highlight=False)
-    for pid in marked["servers"]:
-        console.print(f"stopped Prefect's temporary server (pid {pid}) left by a killed run", highlight=False)
+    for server in marked["servers"]:
+        console.print(f"stopped {server['what']} (pid {server['pid']}) of home {server['home']}, left by a killed run: "
+                      f"{server['reason']}", highlight=False)
 
 
 def cleanup() -> None:
@@ -106,6 +107,35 @@ def cleanup() -> None:
     report_cleanup(marked)
     console.print(f"cleanup: {len(marked['mlflow_runs'])} MLflow run(s), {len(marked['flow_runs'])} Prefect flow "
                   f"run(s) marked, {len(marked['servers'])} orphaned temporary server(s) stopped")
+
+
+def verify_store() -> None:
+    """Hash every file of every stage output in the store again, in full, and name the damaged ones (exit 3 if any).
+
+    Reuse hashes a file again only when it was written to since it was hashed (its ctime changed); bytes that change
+    without a write (bit rot) are found only here. Run it on a schedule, or after a disk or controller error.
+    """
+    import time
+
+    from tasks import store
+    from tasks.base.errors import Refused
+
+    started = time.perf_counter()
+    results = store.verify_store()
+    damaged = {entry: problems for entry, problems in results.items() if problems}
+    size = sum(meta["size"] for entry in results
+               for meta in (store.read_manifest(entry) or {}).get("files", {}).values())
+    err = Console(stderr=True)
+    for entry, problems in damaged.items():
+        err.print(f"damaged: {entry}", highlight=False)
+        for problem in problems:
+            err.print(f"  {entry / problem.partition(':')[0]}: {problem.partition(':')[2].strip()}", highlight=False)
+    console.print(f"verify-store: {len(results)} entr{'y' if len(results) == 1 else 'ies'} of {store.home()}, "
+                  f"{size / 1e9:.2f} GB hashed in {time.perf_counter() - started:.1f} s; {len(damaged)} damaged"
+                  + (" (reuse removes and rebuilds a damaged entry; or delete it now)" if damaged else ""),
+                  highlight=False)
+    if damaged:
+        raise typer.Exit(Refused.exit_code)
 
 
 def warmup() -> None:
@@ -131,11 +161,13 @@ def warmup() -> None:
 
 
 def register(app: typer.Typer) -> None:
-    """Add `deploy`, `webhook serve`, `cleanup` and `warmup` to the CLI."""
+    """Add `deploy`, `webhook serve`, `cleanup`, `verify-store` and `warmup` to the CLI."""
     app.command(
         epilog="Example (GPU worker start): enginewright warmup && prefect worker start --pool gpu-h100")(warmup)
     app.command(epilog="Example: PREFECT_API_URL=http://127.0.0.1:4200/api enginewright deploy")(deploy)
     app.command(epilog="Example: enginewright cleanup")(cleanup)
+    app.command("verify-store", epilog="Example: ENGINEWRIGHT_HOME=/srv/enginewright enginewright verify-store")(
+        verify_store)
     webhook = typer.Typer(no_args_is_help=True, help="The CI webhook receiver.")
     webhook.command("serve", epilog="Example: ENGINEWRIGHT_WEBHOOK_SECRET=... PREFECT_API_URL=... "
                                     "enginewright webhook serve --port 8088")(serve)

@@ -15,7 +15,8 @@ nothing. A delivery is recorded before its runs are started; if the receiver sto
 them (each run's idempotency key, webhook-<delivery_id>-<deployment>, makes Prefect return a run that was already
 created instead of starting a second one).
 
-Answers: 202 runs started {"flow_run_ids": [...], ...}; 200 already handled (the same ids); 400 malformed or
+Answers: 202 runs started {"flow_run_ids": [...], ...}; 200 already handled (the same ids), or "duplicate": the
+same delivery is being started by another request right now (nothing asked of Prefect); 400 malformed or
 invalid JSON ({"field": ...} names the field); 401 missing or wrong signature, or a timestamp that is not 1-12 ASCII
 digits or is further than the tolerance from now; 404 no recipe follows the model; 408 body not received in time;
 413 body too large; 502 the Prefect API refused (nothing is
@@ -54,6 +55,7 @@ from starlette.routing import Route
 
 from tasks.base import settings as names
 from tasks.base.settings import settings
+from tasks.host import liveness
 
 log = logging.getLogger("enginewright.webhook")
 
@@ -120,8 +122,18 @@ def check_signature(secret: bytes, timestamp: str | None, signature: str | None,
     return None
 
 
+# A delivery recorded as being started by a receiver that is still running is that receiver's to finish, unless it
+# has been at it this long (a request that hung or was cancelled without releasing it): then a retry takes it over.
+CLAIM_STALE_S = 120.0
+
+
 class DeliveryLog:
-    """Delivery ids already handled, in SQLite: a repeated delivery is answered from here, never run again."""
+    """Delivery ids already handled, in SQLite: a repeated delivery is answered from here, never run again.
+
+    Each row names the receiver process that is starting its runs (``claimed_by``: host, pid and the pid's start
+    time, tasks/host/liveness.py), so a concurrent duplicate (another request, another worker process on the same
+    database) is told apart from a delivery whose receiver was killed before it recorded the runs.
+    """
 
     def __init__(self, path: Path):
         self.path = Path(path)
@@ -129,22 +141,44 @@ class DeliveryLog:
         self._lock = threading.Lock()
         with self._connect() as db:
             db.execute("CREATE TABLE IF NOT EXISTS deliveries (delivery_id TEXT PRIMARY KEY, received_at REAL, "
-                       "model TEXT, version TEXT, status TEXT, flow_run_ids TEXT)")
+                       "model TEXT, version TEXT, status TEXT, flow_run_ids TEXT, claimed_by TEXT)")
+            if "claimed_by" not in {row[1] for row in db.execute("PRAGMA table_info(deliveries)")}:
+                db.execute("ALTER TABLE deliveries ADD COLUMN claimed_by TEXT")  # older rows: no live claimer
 
     def _connect(self) -> sqlite3.Connection:
         return sqlite3.connect(self.path, timeout=30, isolation_level=None)
 
-    def claim(self, event: ModelVersionEvent) -> dict | None:
-        """Record the delivery as in progress; if it was seen before, return that record instead."""
+    def claim(self, event: ModelVersionEvent) -> tuple[bool, dict | None]:
+        """(ours, record): ``ours`` when this receiver is to start the delivery's runs — a new delivery (record
+        None), or one recorded as started by a receiver that is gone or stuck (its record: a retry after a crash).
+        Otherwise the record says why not: 'handled' (its runs are known) or 'started' by a live receiver now (a
+        concurrent duplicate). One transaction (BEGIN IMMEDIATE), so two receivers never both take a delivery."""
+        me = liveness.owner_token()
         with self._lock, self._connect() as db:
+            db.execute("BEGIN IMMEDIATE")
             try:
-                db.execute("INSERT INTO deliveries VALUES (?, ?, ?, ?, 'started', '[]')",
-                           (event.delivery_id, time.time(), event.model, event.version))
-                return None
-            except sqlite3.IntegrityError:
-                row = db.execute("SELECT status, flow_run_ids, model, version FROM deliveries WHERE delivery_id = ?",
-                                 (event.delivery_id,)).fetchone()
-                return {"status": row[0], "flow_run_ids": json.loads(row[1]), "model": row[2], "version": row[3]}
+                row = db.execute("SELECT status, flow_run_ids, model, version, claimed_by, received_at "
+                                 "FROM deliveries WHERE delivery_id = ?", (event.delivery_id,)).fetchone()
+                if row is None:
+                    db.execute("INSERT INTO deliveries VALUES (?, ?, ?, ?, 'started', '[]', ?)",
+                               (event.delivery_id, time.time(), event.model, event.version, me))
+                    return True, None
+                record = {"status": row[0], "flow_run_ids": json.loads(row[1]), "model": row[2], "version": row[3]}
+                if row[0] == "started" and self._abandoned(row[4], row[5]):
+                    db.execute("UPDATE deliveries SET claimed_by = ?, received_at = ? WHERE delivery_id = ?",
+                               (me, time.time(), event.delivery_id))
+                    return True, record
+                return False, record
+            finally:
+                db.execute("COMMIT")
+
+    @staticmethod
+    def _abandoned(claimed_by: str | None, claimed_at: float | None) -> bool:
+        if not claimed_by or claimed_at is None or time.time() - claimed_at > CLAIM_STALE_S:
+            return True
+        host, _, rest = claimed_by.partition(":")
+        pid, _, started = rest.partition(":")
+        return liveness.gone(host, pid, started) is not None
 
     def complete(self, delivery_id: str, flow_run_ids: list[str]) -> None:
         with self._lock, self._connect() as db:
@@ -261,12 +295,18 @@ def create_app(routes: dict[str, list[str]], settings: Settings, launcher: Launc
         if not deployments:
             log.info("delivery %s: no recipe follows model %s", event.delivery_id, event.model)
             return _error(404, f"no recipe follows model '{event.model}'", known_models=sorted(routes))
-        seen = deliveries.claim(event)
-        if seen is not None and seen["status"] != "started":
+        ours, seen = deliveries.claim(event)
+        if not ours and seen["status"] == "started":  # a concurrent duplicate: the first request is starting them
+            log.info("delivery %s: a duplicate of a delivery being started now; nothing asked of Prefect",
+                     event.delivery_id)
+            return JSONResponse(seen | {"status": "duplicate", "delivery_id": event.delivery_id,
+                                        "detail": "this delivery is being started by another request"},
+                                status_code=200)
+        if not ours:
             log.info("delivery %s: already %s", event.delivery_id, seen["status"])
             return JSONResponse(seen | {"status": f"already {seen['status']}", "delivery_id": event.delivery_id},
                                 status_code=200)
-        if seen is not None:  # recorded, runs never confirmed: a receiver stopped mid-way, or a concurrent duplicate
+        if seen is not None:  # recorded, runs never confirmed: the receiver that took it was killed or got stuck
             log.warning("delivery %s: recorded earlier but its flow runs were never confirmed; starting them now "
                         "(a run that already exists is found by its idempotency key, not started again)",
                         event.delivery_id)
@@ -277,6 +317,9 @@ def create_app(routes: dict[str, list[str]], settings: Settings, launcher: Launc
             for deployment in deployments:
                 run_id = await launcher(deployment, parameters, f"webhook-{event.delivery_id}-{deployment}", tags)
                 started.append({"deployment": deployment, "flow_run_id": run_id})
+        except asyncio.CancelledError:  # the client went away: release it, so its retry is not taken for a duplicate
+            deliveries.release(event.delivery_id)
+            raise
         except Exception as exc:  # noqa: BLE001 - nothing recorded: the CI system's retry is safe (idempotency keys)
             deliveries.release(event.delivery_id)
             log.error("delivery %s: Prefect API refused %s: %s", event.delivery_id, deployment, exc)

@@ -39,7 +39,12 @@ def register_version(*, name: str, profile_dir: str, fingerprint: str, run_id: s
     """Register a passing profile as an MLflow model version whose artifacts are the profile's files (uploaded to
     the run's artifact store, so any host can fetch ``models:/NAME/VERSION``). Idempotent by artifact fingerprint,
     also across processes and hosts: a version already holding this fingerprint is returned, and when two
-    registrations race, the lowest version wins and the others are deleted. Returns (version, newly_created)."""
+    registrations race, the lowest version wins and the others are deleted. Returns (version, newly_created).
+
+    A version found already registered by a run that did not finish (killed or crashed between registration and the
+    alias, then marked FAILED by cleanup) is re-certified by this run: its lineage tags (``source_run_id``,
+    ``candidate_run_id``) are set to this run's, the earlier ones kept as ``first_source_run_id``/
+    ``first_candidate_run_id`` (:func:`_recertify`). The version's files stay where the first run uploaded them."""
     built = store.read_manifest(Path(profile_dir))
     if built is not None and built.get("content_hash") != fingerprint:
         raise FingerprintMismatch(f"{profile_dir}: registering it with fingerprint {fingerprint}, but its manifest's "
@@ -49,6 +54,7 @@ def register_version(*, name: str, profile_dir: str, fingerprint: str, run_id: s
         _ensure_registered_model(c, name)
         existing = _versions_with(c, name, fingerprint)
         if existing:
+            _recertify(c, name, existing[0], tags)
             return existing[0], False
         all_tags = {k: str(v) for k, v in tags.items() if v is not None} | {"artifact_fingerprint": fingerprint}
         model_uri = _log_profile_model(run_id, profile_dir)
@@ -61,6 +67,33 @@ def register_version(*, name: str, profile_dir: str, fingerprint: str, run_id: s
         if extra == str(created.version):
             c.delete_model_version(name, extra)
     return winner, winner == str(created.version)
+
+
+LINEAGE_TAGS = ("source_run_id", "candidate_run_id")
+
+
+def _recertify(c: MlflowClient, name: str, version: str, tags: dict) -> None:
+    """Name this run in an existing version's lineage when the run that registered it did not finish: FAILED or
+    KILLED (a crash after registration, before the alias), or deleted. A run that FINISHED certified it and keeps its
+    name; a RUNNING one may be certifying it right now (another process) and keeps it too."""
+    current = c.get_model_version(name, version).tags
+    earlier, now = current.get("source_run_id"), tags.get("source_run_id")
+    if not earlier or not now or str(now) == earlier:
+        return
+    try:
+        run = c.get_run(earlier).info
+        status = "DELETED" if run.lifecycle_stage == "deleted" else run.status
+    except MlflowException:
+        status = "DELETED"
+    if status in ("FINISHED", "RUNNING", "SCHEDULED"):
+        return
+    for tag in LINEAGE_TAGS:
+        if tags.get(tag) is None:
+            continue
+        if current.get(tag) and not current.get(f"first_{tag}"):
+            c.set_model_version_tag(name, version, f"first_{tag}", current[tag])
+        c.set_model_version_tag(name, version, tag, str(tags[tag]))
+    c.set_model_version_tag(name, version, "recertified", f"run {earlier} ended {status}; certified again by {now}")
 
 
 def _ensure_registered_model(c: MlflowClient, name: str) -> None:

@@ -24,6 +24,8 @@ from typing import Iterator
 
 import httpx
 
+from tasks.base.settings import SERVER
+
 log = logging.getLogger(__name__)
 
 
@@ -111,6 +113,8 @@ def run_server(cmd: list[str], *, health_url: str, log_file: Path, timeout_s: fl
                name: str | None = None, error: type[Exception] = ServerFailed,
                stop_grace_s: float = 20.0, poll_s: float = 0.5) -> Iterator[subprocess.Popen]:
     name = name or Path(cmd[0]).name
+    # What it is, for `enginewright cleanup` should it outlive a killed run (it inherits ENGINEWRIGHT_OWNER/_HOME)
+    env = dict(os.environ if env is None else env) | {SERVER: name}
     log_file.parent.mkdir(parents=True, exist_ok=True)
     with open(log_file, "ab") as logf:
         logf.write(f"$ {shlex.join(cmd)}\n".encode())

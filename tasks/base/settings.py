@@ -13,6 +13,7 @@ from typing import Mapping
 
 HOME = "ENGINEWRIGHT_HOME"
 OWNER = "ENGINEWRIGHT_OWNER"
+SERVER = "ENGINEWRIGHT_SERVER"  # set in a model server's environment (tasks/backends/serving.py): what it is
 SHARE_ARTIFACTS = "ENGINEWRIGHT_SHARE_ARTIFACTS"
 PROJECT_DIR = "ENGINEWRIGHT_PROJECT_DIR"
 WORK_POOL = "ENGINEWRIGHT_WORK_POOL"
@@ -31,6 +32,8 @@ PREFECT_UI_URL = "ENGINEWRIGHT_PREFECT_UI_URL"
 # Not ours, but read here too so that no other module reads the environment for them.
 MLFLOW_TRACKING_URI = "MLFLOW_TRACKING_URI"
 PREFECT_API_URL = "PREFECT_API_URL"
+PREFECT_HOME = "PREFECT_HOME"
+PREFECT_DATABASE_URL = "PREFECT_API_DATABASE_CONNECTION_URL"
 
 
 @dataclass(frozen=True)
@@ -52,6 +55,8 @@ class Settings:
     prefect_api_url: str | None
     mlflow_ui_url: str = "http://127.0.0.1:5050"
     prefect_ui_url: str = "http://127.0.0.1:4250"
+    prefect_home: str | None = None
+    prefect_database_url: str | None = None
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -74,6 +79,8 @@ class Settings:
             prefect_api_url=env.get(PREFECT_API_URL) or None,
             mlflow_ui_url=(env.get(MLFLOW_UI_URL) or "http://127.0.0.1:5050").rstrip("/"),
             prefect_ui_url=(env.get(PREFECT_UI_URL) or "http://127.0.0.1:4250").rstrip("/"),
+            prefect_home=env.get(PREFECT_HOME) or None,
+            prefect_database_url=env.get(PREFECT_DATABASE_URL) or None,
         )
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import socket
 
-from tasks.base.settings import OWNER
+from tasks.base.settings import HOME, OWNER
 
 
 def start_time(pid: int) -> str:
@@ -58,6 +58,43 @@ OWNER_ENV = OWNER
 def owner_token() -> str:
     me = identity()
     return f"{me['host']}:{me['pid']}:{me['started']}"
+
+
+def home_of(env: dict[str, str], pid: int) -> str:
+    """The enginewright home a process was started for: its ENGINEWRIGHT_HOME (default .enginewright), a relative one
+    taken from the process's working directory; '' where that cannot be read."""
+    value = env.get(HOME, ".enginewright")
+    if not os.path.isabs(value):
+        try:
+            value = os.path.join(os.readlink(f"/proc/{pid}/cwd"), value)
+        except OSError:
+            return ""
+    return os.path.realpath(value)
+
+
+def orphaned_helpers() -> list[dict]:
+    """Processes of this user started by an enginewright process that is gone (OWNER_ENV in their environment names
+    it): {"pid", "reason", "home", "environ", "cmdline"} each; which of them to stop is the caller's decision."""
+    found = []
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        pid = int(entry.name)
+        env = environ(pid)
+        owner = env.get(OWNER_ENV, "")
+        if not owner:
+            continue
+        host, _, rest = owner.partition(":")
+        owner_pid, _, started = rest.partition(":")
+        reason = gone(host, owner_pid, started)
+        if not reason:
+            continue
+        try:
+            cmdline = open(f"/proc/{pid}/cmdline", "rb").read().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        found.append({"pid": pid, "reason": reason, "home": home_of(env, pid), "environ": env, "cmdline": cmdline})
+    return found
 
 
 def orphans(marker: str) -> list[tuple[int, str]]:

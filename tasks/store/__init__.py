@@ -15,6 +15,7 @@ from tasks.store.artifacts import (
                                    atomic_dir,
                                    check,
                                    claim,
+                                   entries,
                                    fingerprint_of,
                                    link_or_copy,
                                    link_or_copy_tree,
@@ -27,6 +28,7 @@ from tasks.store.artifacts import (
                                    sweep_temporaries,
                                    temporary_sibling,
                                    verify,
+                                   verify_store,
                                    write_manifest,
 )
 from tasks.store.digests import HashingWriter, cached_sha256, digest_files, remember, sha256_file, write_bytes
@@ -34,9 +36,9 @@ from tasks.store.keys import fingerprint_dir, key_of, package_digest, source_dig
 from tasks.store.paths import MANIFEST, home, stage_dir
 
 __all__ = ["MANIFEST", "ArtifactDamaged", "HashingWriter", "Remote", "artifact_root", "atomic_dir", "cached_sha256",
-           "check", "claim", "digest_files", "fingerprint_dir", "fingerprint_of", "home", "key_of", "link_or_copy",
-           "link_or_copy_tree",
+           "check", "claim", "digest_files", "entries", "fingerprint_dir", "fingerprint_of", "home", "key_of",
+           "link_or_copy", "link_or_copy_tree",
            "lock", "manifest_records_under", "package_digest", "read_manifest", "remember", "reuse", "reuse_or_make",
            "set_remote",
            "sha256_file", "source_digest", "source_dir_digest", "stage_dir", "sweep_temporaries",
-           "temporary_sibling", "verify", "write_bytes", "write_manifest"]
+           "temporary_sibling", "verify", "verify_store", "write_bytes", "write_manifest"]

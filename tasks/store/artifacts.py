@@ -20,9 +20,9 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from tasks.base.errors import Refused
-from tasks.store.digests import digest_files
+from tasks.store.digests import carry_over, digest_files
 from tasks.store.keys import key_of
-from tasks.store.paths import MANIFEST, home
+from tasks.store.paths import MANIFEST, NOT_STORE, home
 
 log = logging.getLogger(__name__)
 
@@ -138,8 +138,10 @@ def fingerprint_of(manifest: dict) -> str:
 def verify(directory: Path, *, full: bool = False, sizes_only: bool = False) -> list[str]:
     """What is wrong with an artifact, one line per file (empty when it is intact).
 
-    Sizes are always checked. By default a file's digest is recomputed only when its identity (inode, size, mtime)
-    changed since it was hashed; ``full`` recomputes every digest; ``sizes_only`` checks presence and sizes alone.
+    Sizes are always checked. By default a file's digest is recomputed only when its identity (inode, size, mtime,
+    ctime) changed since it was hashed: any write through the kernel changes ctime, even one whose size and mtime
+    were set back (tasks/store/digests.py says why that suffices and what it misses: bit rot without a write);
+    ``full`` recomputes every digest; ``sizes_only`` checks presence and sizes alone.
     """
     directory = Path(directory)
     manifest = read_manifest(directory)
@@ -164,6 +166,28 @@ def verify(directory: Path, *, full: bool = False, sizes_only: bool = False) -> 
             if (actual := digests[path]["sha256"]) != records[rel]["sha256"]:
                 problems.append(f"{rel}: sha256 {actual[:16]}…, manifest records {records[rel]['sha256'][:16]}…")
     return problems
+
+
+def entries(root: Path | None = None) -> list[Path]:
+    """Every stage output of the store (a directory holding a manifest), sorted; temporaries of unfinished writes,
+    and what lives under the home but is not the store (:data:`~tasks.store.paths.NOT_STORE`), are left out."""
+    root = Path(root or home())
+    found = []
+    for directory, subdirs, files in os.walk(root):
+        here = Path(directory)
+        if here != root and MANIFEST in files:
+            found.append(here)
+            subdirs[:] = []  # an entry's own files, not entries
+            continue
+        subdirs[:] = sorted(d for d in subdirs if not d.startswith(".") and not (here == root and d in NOT_STORE))
+    return sorted(found)
+
+
+def verify_store(root: Path | None = None) -> dict[Path, list[str]]:
+    """Every entry of the store hashed again in full (no remembered digest trusted): ``{entry: problems}`` for each
+    entry, an empty list when it is intact. What reuse cannot see (bytes changed without a write: bit rot) this
+    finds."""
+    return {entry: verify(entry, full=True) for entry in entries(root)}
 
 
 class ArtifactDamaged(Refused):
@@ -253,11 +277,15 @@ def reuse_or_make(out: Path, make: Callable[[Path], dict]) -> tuple[dict, bool]:
 
 
 def link_or_copy(src: Path, dst: Path) -> None:
-    """Hard-link a file when on the same filesystem (artifacts are immutable), else copy it."""
+    """Hard-link a file when on the same filesystem (artifacts are immutable), else copy it. A link changes the
+    file's ctime; the digest remembered for it is carried over, so the linked file is not read again."""
+    before = os.stat(src)
     try:
         os.link(src, dst)
     except OSError:
         shutil.copy2(src, dst)
+        return
+    carry_over(before, os.stat(dst))
 
 
 def link_or_copy_tree(src: Path, dst: Path, known: dict[str, dict] | None = None) -> dict[str, dict]:

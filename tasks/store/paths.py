@@ -7,6 +7,9 @@ from pathlib import Path
 from tasks.base.settings import settings
 
 MANIFEST = "manifest.json"
+# What else lives under the home and is no stage output: MLflow's artifact store (the registry's copies, checked
+# against the registry on download), Prefect's state, downloads, logs, reports, locks.
+NOT_STORE = ("mlartifacts", "prefect", "downloads", "logs", "reports", "locks")
 
 
 def home() -> Path:

@@ -169,3 +169,20 @@ def test_validate_warns_about_a_hub_model_without_a_revision(tmp_path):
     path.write_text(yaml.safe_dump(data))
     pinned = runner.invoke(app, ["validate", str(path), "--json"])
     assert pinned.exit_code == 0 and "warning" not in pinned.stderr and json.loads(pinned.stdout)["warnings"] == []
+
+
+def test_verify_store_exits_3_naming_the_damaged_file():
+    from tasks import store
+
+    out = store.stage_dir("models", "cli")
+    with store.atomic_dir(out) as tmp:
+        (tmp / "w.bin").write_bytes(b"weights" * 100)
+        store.write_manifest(tmp, {"stage": "models", "key": "cli"})
+    clean = runner.invoke(app, ["verify-store"])
+    assert clean.exit_code == 0 and "1 entry" in clean.stdout and "0 damaged" in clean.stdout, clean.output
+    with open(out / "w.bin", "r+b") as f:
+        f.seek(3)
+        f.write(b"X")
+    damaged = runner.invoke(app, ["verify-store"])
+    assert damaged.exit_code == 3 and "1 damaged" in damaged.stdout, damaged.output
+    assert f"{out / 'w.bin'}: sha256" in damaged.stderr

@@ -3,10 +3,13 @@ routes it gets from prefect.yaml (flows/deploy.py). No server."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import shutil
 import subprocess
+import sys
+import threading
 import uuid
 import warnings
 from pathlib import Path
@@ -20,7 +23,13 @@ with warnings.catch_warnings():  # starlette 1.x would rather have httpx2 behind
 from flows import webhook
 from flows.deploy import DeployError, load_plan
 
+ROOT = Path(__file__).resolve().parents[3]
 SECRET = b"unit-test-secret-0123456789"
+KILLED_RECEIVER = """import json, os, sys
+from flows import webhook
+webhook.DeliveryLog(sys.argv[1]).claim(webhook.ModelVersionEvent(**json.loads(sys.argv[2])))
+os._exit(9)
+"""
 NOW = 1_800_000_000
 ROUTES = {"smollm2-135m": ["certify/smollm2-135m-demo-cpu"]}
 
@@ -261,12 +270,41 @@ class IdempotentPrefect(FakePrefect):
         return self.runs.setdefault(idempotency_key, str(uuid.uuid4()))
 
 
+def test_a_concurrent_duplicate_delivery_is_answered_200_without_a_prefect_call(tmp_path):
+    release, entered = threading.Event(), threading.Event()
+
+    class SlowPrefect(FakePrefect):
+        async def __call__(self, *args):
+            entered.set()
+            while not release.is_set():  # the first delivery's Prefect call is still in flight
+                await asyncio.sleep(0.01)
+            return await super().__call__(*args)
+
+    prefect = SlowPrefect()
+    first: dict = {}
+    thread = threading.Thread(target=lambda: first.update(answer=post(make_client(tmp_path, prefect), event())))
+    thread.start()
+    try:
+        assert entered.wait(10)
+        duplicate = post(make_client(tmp_path, prefect), event(), timestamp=NOW + 1)
+    finally:
+        release.set()
+        thread.join(10)
+    assert duplicate.status_code == 200 and duplicate.json()["status"] == "duplicate", duplicate.text
+    assert first["answer"].status_code == 202 and len(prefect.calls) == 1
+    again = post(make_client(tmp_path, prefect), event(), timestamp=NOW + 2)
+    assert again.status_code == 200 and again.json()["flow_run_ids"] == first["answer"].json()["flow_run_ids"]
+    assert len(prefect.calls) == 1
+
+
 @pytest.mark.parametrize("run_was_created", [False, True], ids=["before-create", "after-create"])
 def test_a_delivery_interrupted_before_it_was_confirmed_gets_its_run_on_retry(tmp_path, run_was_created):
     """The receiver was killed after recording the delivery and before recording its flow runs; its database says
     'started'. The CI system's retry (a new receiver on the same database) must get the run, exactly one."""
     prefect = IdempotentPrefect()
-    webhook.DeliveryLog(tmp_path / "d.db").claim(webhook.ModelVersionEvent(**event()))  # recorded, then killed
+    killed = subprocess.run([sys.executable, "-c", KILLED_RECEIVER, str(tmp_path / "d.db"), json.dumps(event())],
+                            cwd=ROOT)  # a receiver recorded the delivery, then was killed
+    assert killed.returncode == 9
     if run_was_created:  # killed between Prefect creating the run and the receiver recording its id
         prefect.runs["webhook-ci-1-certify/smollm2-135m-demo-cpu"] = "run-made-before-the-kill"
 

@@ -225,9 +225,9 @@ def test_registration_into_a_local_artifact_store_holds_the_profile_once(tmp_pat
     (profile / "checkpoint").mkdir(parents=True)
     (profile / "checkpoint" / "model.safetensors").write_bytes(os.urandom(1 << 20))
     (profile / "runtime.yaml").write_text("profile: once\n")
-    store.write_manifest(profile, {"stage": "build"})
+    fingerprint = store.write_manifest(profile, {"stage": "build"})["content_hash"]
     run = registry_client.client().create_run(registry_client.experiment_id("test")).info.run_id
-    version, _ = model_registry.register_version(name="once", profile_dir=str(profile), fingerprint="once",
+    version, _ = model_registry.register_version(name="once", profile_dir=str(profile), fingerprint=fingerprint,
                                                  run_id=run, tags={"quant_format": "fp8", "gpu_arch": "sm_90"})
     stored = [p for p in (store.home() / "mlartifacts").rglob("model.safetensors")]
     assert len(stored) == 1
@@ -241,3 +241,35 @@ def test_registration_into_a_local_artifact_store_holds_the_profile_once(tmp_pat
 def test_a_remote_artifact_store_is_not_linked():
     assert model_registry._local_dir("mlflow-artifacts:/1/models/m-1/artifacts") is None
     assert model_registry._local_dir("s3://bucket/x") is None
+
+
+def test_a_version_left_by_a_killed_run_names_the_run_that_certified_it_again(tmp_path):
+    c = registry_client.client()
+    exp = registry_client.experiment_id("test")
+    profile = tmp_path / "p"
+    profile.mkdir()
+    (profile / "runtime.yaml").write_text("profile: p\n")
+
+    def certify():
+        pipeline, candidate = c.create_run(exp).info.run_id, c.create_run(exp).info.run_id
+        version, _ = model_registry.register_version(
+            name="m", profile_dir=str(profile), fingerprint="fp", run_id=candidate,
+            tags={"quant_format": "fp8", "gpu_arch": "sm_90", "source_run_id": pipeline,
+                  "candidate_run_id": candidate})
+        return version, pipeline, candidate
+
+    v, killed, killed_candidate = certify()  # registered, then killed before the alias: cleanup marks it FAILED
+    c.set_terminated(killed, status="FAILED")
+    v_again, rerun, rerun_candidate = certify()
+    assert v_again == v
+    assert model_registry.promote(name="m", version=v, alias="champion-sm90",
+                                  challenger_alias="challenger-sm90")["action"] == "moved"
+    champion = model_registry.resolve(name="m", arch="sm_90")["tags"]
+    assert champion["source_run_id"] == rerun and champion["candidate_run_id"] == rerun_candidate
+    assert champion["first_source_run_id"] == killed and champion["first_candidate_run_id"] == killed_candidate
+    assert killed in champion["recertified"] and "FAILED" in champion["recertified"]
+
+    c.set_terminated(rerun, status="FINISHED")  # a run that finished certified it: a third run does not take over
+    assert certify()[0] == v
+    tags = model_registry.resolve(name="m", arch="sm_90")["tags"]
+    assert tags["source_run_id"] == rerun and tags["first_source_run_id"] == killed

@@ -9,6 +9,7 @@ import pytest
 
 from tasks import store
 from tasks.host import machine
+from tasks.store import digests
 
 
 def _artifact(final, files: dict[str, bytes], key="k", volatile=()):
@@ -76,13 +77,48 @@ def test_verify_names_a_flipped_byte_a_deleted_file_and_a_truncated_one(tmp_path
         store.check(tmp_path / "k", full=True)
 
 
-def test_a_flip_that_keeps_size_and_mtime_is_caught_by_full_verification(tmp_path):
-    _artifact(tmp_path / "k", {"a.bin": os.urandom(100)})
-    path = tmp_path / "k" / "a.bin"
+def _flip_keeping_size_and_mtime(path):
     st = path.stat()
     _flip(path)
-    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))  # forged mtime: the digest cache cannot see it
-    assert store.verify(tmp_path / "k", full=True) != []
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))  # `touch -r`: mtime set back; ctime cannot be
+    after = path.stat()
+    assert (after.st_size, after.st_mtime_ns) == (st.st_size, st.st_mtime_ns)
+
+
+def test_a_flip_that_keeps_size_and_mtime_is_caught_on_reuse(caplog):
+    out = store.stage_dir("models", "flip")
+    _artifact(out, {"a.bin": os.urandom(100), "b.bin": os.urandom(100)})
+    assert store.reuse(out) is not None  # digests remembered: the next reuse reads nothing unchanged
+    _flip_keeping_size_and_mtime(out / "a.bin")
+    assert store.reuse(out) is None and not out.exists()
+    assert "a.bin: sha256" in caplog.text and "b.bin" not in caplog.text
+
+
+def test_reuse_does_not_reread_unchanged_files_nor_a_hard_link_the_store_made(tmp_path, monkeypatch):
+    out = store.stage_dir("models", "linked")
+    _artifact(out, {"w.bin": os.urandom(1000)})
+    assert store.verify(out) == []
+    store.link_or_copy(out / "w.bin", tmp_path / "linked.bin")  # sets w.bin's ctime: the digest is carried over
+    calls = []
+    monkeypatch.setattr("tasks.store.digests.sha256_file", lambda p, *a: calls.append(p) or "x")
+    assert store.verify(out) == [] and store.reuse(out) is not None and calls == []
+    os.chmod(out / "w.bin", 0o600)  # any other change of ctime: hashed again
+    assert store.verify(out) != [] and calls == [out / "w.bin"]
+
+
+def test_verify_store_hashes_every_entry_in_full_and_names_a_flipped_byte():
+    good, bad = store.stage_dir("models", "good"), store.stage_dir("quantized/fp8", "bad")
+    _artifact(good, {"w.bin": os.urandom(100)})
+    _artifact(bad, {"sub/w.bin": os.urandom(100)})
+    (store.home() / "mlartifacts" / "x").mkdir(parents=True)
+    (store.home() / "mlartifacts" / "x" / "manifest.json").write_text("{}")  # not the store: left to the registry
+    assert store.verify_store() == {good: [], bad: []}
+    rotten = bad / "sub" / "w.bin"
+    _flip(rotten)  # then, as bit rot would leave it, the digest cache still holding the old digest for the file:
+    digests.remember([(digests.stat_key(rotten.stat()), store.read_manifest(bad)["files"]["sub/w.bin"]["sha256"])])
+    assert store.verify(bad) == []  # reuse trusts the remembered digest
+    found = store.verify_store()
+    assert found[good] == [] and len(found[bad]) == 1 and found[bad][0].startswith("sub/w.bin: sha256")
 
 
 def test_reuse_removes_a_damaged_entry_and_says_which_file(tmp_path, caplog, monkeypatch):
