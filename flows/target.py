@@ -92,6 +92,15 @@ def _metrics_of(accuracy, latency) -> dict:
 
 
 def certify_target(recipe, target, arch, pairs, model, calib, quantized, quant_errors, device, lineage,
+                   record: RunRecord, base_dir: Path | None = None) -> None:
+    """One target, start to promotion. Targets run at once, except those of a backend whose TARGET_LOCK says one at
+    a time in this process (vllm: each engine takes its share of the GPU)."""
+    with backends.get(target.backend).TARGET_LOCK:
+        _certify_target(recipe, target, arch, pairs, model, calib, quantized, quant_errors, device, lineage, record,
+                        base_dir)
+
+
+def _certify_target(recipe, target, arch, pairs, model, calib, quantized, quant_errors, device, lineage,
                     record: RunRecord, base_dir: Path | None = None) -> None:
     load = recipe.gated_load
     speed_note = gates.latency_note(backends.get(target.backend), recipe.gates)  # None: latency decides on this target

@@ -30,6 +30,7 @@ class Backend(Protocol):
     CHECKPOINT_KIND: str  # "fakequant" (quantize's fake-quant checkpoint) or "unified" (the unified HF export)
     AUTOTUNED: bool  # its profiles hold kernels tuned on the GPU that built them
     TOOLCHAIN_KEYS: tuple[str, ...]  # versions that pin a profile
+    TARGET_LOCK: AbstractContextManager  # held around one target's certification (vllm: one at a time)
 
     def toolchain_versions(self) -> dict[str, str | None]: ...
     def target_runtime(self, target) -> TargetRuntime: ...

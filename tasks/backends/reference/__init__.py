@@ -5,6 +5,8 @@ reference runtime's, not that of quantized kernels: latency results from this ba
 backend.py builds, evaluates and generates in process; server.py serves a profile over HTTP in its own process.
 """
 
+import contextlib
+
 from tasks.backends.reference.backend import (
                                               CHECKPOINT,
                                               TOOLCHAIN_KEYS,
@@ -26,7 +28,8 @@ SPEED_IS_DEPLOYMENT = False
 SPEED_LABEL = "reference runtime (fake quantization): not a deployment number"
 CHECKPOINT_KIND = "fakequant"  # builds from quantize's fake-quant checkpoint (base weights + quantizer state)
 AUTOTUNED = False
+TARGET_LOCK = contextlib.nullcontext()  # in-process model compute is serialised by models.runtime.MODEL_LOCK instead
 
 __all__ = ["AUTOTUNED", "CHECKPOINT", "CHECKPOINT_KIND", "NAME", "RUNTIME", "SPEED_IS_DEPLOYMENT", "SPEED_LABEL",
-           "TOOLCHAIN_KEYS", "build_profile", "generator", "lm_eval_model", "load_model", "serve", "session",
-           "target_runtime", "toolchain_versions"]
+           "TARGET_LOCK", "TOOLCHAIN_KEYS", "build_profile", "generator", "lm_eval_model", "load_model", "serve",
+           "session", "target_runtime", "toolchain_versions"]

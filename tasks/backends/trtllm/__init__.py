@@ -18,6 +18,7 @@ SPEED_IS_DEPLOYMENT = True  # trtllm-serve with the quantized kernels: what a de
 SPEED_LABEL = "TensorRT-LLM (deployment runtime)"
 CHECKPOINT_KIND = "unified"  # builds from the quantized unified HF export (quantize's `export/`)
 AUTOTUNED = True  # its profiles carry kernels autotuned on the GPU that built them
+TARGET_LOCK = contextlib.nullcontext()  # each target runs on its own pool's workers
 # Versions that pin a profile; `tensorrt` is recorded only where it is installed (TensorRT-LLM >= 1.3 dropped it).
 TOOLCHAIN_KEYS = ("tensorrt_llm", "tensorrt", "modelopt", "torch", "transformers")
 
@@ -29,5 +30,5 @@ def session(profile_dir) -> contextlib.AbstractContextManager:
 
 
 __all__ = ["AUTOTUNED", "CHECKPOINT", "CHECKPOINT_KIND", "NAME", "RUNTIME", "SPEED_IS_DEPLOYMENT", "SPEED_LABEL",
-           "TOOLCHAIN_KEYS", "TrtllmError", "build_profile", "lm_eval_model", "serve", "session", "target_runtime",
-           "toolchain_versions"]
+           "TARGET_LOCK", "TOOLCHAIN_KEYS", "TrtllmError", "build_profile", "lm_eval_model", "serve", "session",
+           "target_runtime", "toolchain_versions"]

@@ -5,6 +5,8 @@ checkpoint (hard-linked), `engine_args.yaml` (vLLM's engine arguments as data, w
 (what the engine reported at build: the quantization method it chose, kernels, KV-cache capacity).
 """
 
+import threading
+
 from tasks.backends.vllm.build import build_profile
 from tasks.backends.vllm.common import CHECKPOINT, BackendUnavailable, VllmError, target_runtime, toolchain_versions
 from tasks.backends.vllm.eval import lm_eval_model
@@ -16,8 +18,9 @@ SPEED_IS_DEPLOYMENT = True  # vLLM with the quantized kernels: what a deployment
 SPEED_LABEL = "vLLM (deployment runtime)"
 CHECKPOINT_KIND = "unified"  # builds from the quantized unified HF export (quantize's `unified/`)
 AUTOTUNED = False
+TARGET_LOCK = threading.Lock()  # its targets run one after another in a process: one engine at a time on the GPU
 TOOLCHAIN_KEYS = ("vllm", "vllm_torch", "vllm_transformers", "modelopt")
 
 __all__ = ["AUTOTUNED", "CHECKPOINT", "CHECKPOINT_KIND", "NAME", "RUNTIME", "SPEED_IS_DEPLOYMENT", "SPEED_LABEL",
-           "TOOLCHAIN_KEYS", "BackendUnavailable", "VllmError", "build_profile", "lm_eval_model", "serve", "session",
-           "target_runtime", "toolchain_versions"]
+           "TARGET_LOCK", "TOOLCHAIN_KEYS", "BackendUnavailable", "VllmError", "build_profile", "lm_eval_model",
+           "serve", "session", "target_runtime", "toolchain_versions"]
