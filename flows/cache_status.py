@@ -142,25 +142,40 @@ def _estimate(siblings: list[Path], cached: bool) -> float | None:
 
 def _validation_rows(row, recipe, calib_out: Path, calib: dict, profiles: dict, device: dict) -> None:
     """accuracy and latency per built profile, keyed by the stages' own `cache_key` from the profile fingerprint
-    in its build manifest; a profile this run builds gives keys nobody can know yet."""
+    in its build manifest, with the latency load and the skip rule the flow applies (flows/target.py); a profile this
+    run builds gives keys nobody can know yet."""
+    from tasks.decisions import gates
     from tasks.validation import accuracy, latency
 
-    inputs = None
+    inputs, items = None, {}
     for stage in ("accuracy", "latency"):
         for subject, fp in profiles.items():
             if fp is None:
                 row(stage, subject, False, "after its build", _stage_estimate(stage))
                 continue
+            fmt, target_name = subject.split("@", 1)
             if stage == "accuracy":
                 if inputs is None:
                     inputs = accuracy.task_inputs(recipe.evaluation.tasks, str(calib_out / "holdout.parquet"),
                                                   recipe.evaluation.limit)
                 key = accuracy.cache_key(profile_fp=fp, spec=recipe.evaluation, inputs=inputs)
             else:
-                key = latency.cache_key(profile_fp=fp, spec=recipe.latency, holdout_digest=calib["holdout_digest"],
+                target = next(t for t in recipe.targets if t.name == target_name)
+                note = gates.latency_note(backends.get(target.backend), recipe.gates)
+                spec, _ = gates.latency_load(recipe.latency, recipe.gates, note)
+                key = latency.cache_key(profile_fp=fp, spec=spec, holdout_digest=calib["holdout_digest"],
                                         device=device)
             out = store.stage_dir(stage, key)
             cached = store.read_manifest(out) is not None
+            if stage == "accuracy" and cached:
+                items[subject] = str(out / "items.parquet")
+            base = items.get(f"{BASELINE}@{target_name}")
+            if (stage == "latency" and not cached and fmt != BASELINE and base and subject in items
+                    and (why := gates.latency_not_needed(baseline_items_file=base, candidate_items_file=items[subject],
+                                                         gates=recipe.gates))):
+                rows_reason = f"not measured: {why} (its accuracy gate fails on the recorded items)"
+                row(stage, subject, True, rows_reason)
+                continue
             row(stage, subject, cached, "cache hit" if cached else "not measured with these inputs "
                 "(evaluation/latency spec, held-out items, harness or machine)", _stage_estimate(stage))
 
