@@ -19,13 +19,11 @@ from pathlib import Path
 start = Path(sys.argv[1])
 from registry import client as registry_client
 from registry import model_registry
-from registry import tracking as reg
-from registry import client as registry_client
-from registry import model_registry
 run = registry_client.client().create_run(registry_client.experiment_id("races")).info.run_id
 while not start.exists():
     time.sleep(0.01)
-version, created = model_registry.register_version(name="raced", profile_dir=sys.argv[2], fingerprint="fp-1",
+fingerprint = json.loads((Path(sys.argv[2]) / "manifest.json").read_text())["content_hash"]
+version, created = model_registry.register_version(name="raced", profile_dir=sys.argv[2], fingerprint=fingerprint,
                                                    run_id=run, tags={"quant_format": "fp8"})
 print(json.dumps({"version": version, "created": created}))
 """
