@@ -169,10 +169,10 @@ def test_prefect_and_mlflow_point_at_each_other(prefect_harness, shared_home, ti
 
     tasks = {t["name"]: t["state"]["name"] for t in _api("POST", "/task_runs/filter", {
         "flow_runs": {"id": {"any_": [second_id]}}, "limit": 200, "sort": "EXPECTED_START_TIME_ASC"})}
-    for name in ("build fp8@local", "evaluate fp8@local", "latency fp8@local", "gate fp8@local",
-                 "evaluate none@local", "calibrate pydoc_topics", "quantize fp8", "target local"):
+    for name in ("build fp8@local", "accuracy fp8@local", "latency fp8@local", "gate fp8@local",
+                 "accuracy none@local", "calibrate pydoc_topics", "quantize fp8", "target local"):
         assert name in tasks, sorted(tasks)
-    assert tasks["evaluate fp8@local"] == tasks["quantize fp8"] == "Cached" and tasks["gate fp8@local"] == "Completed"
+    assert tasks["accuracy fp8@local"] == tasks["quantize fp8"] == "Cached" and tasks["gate fp8@local"] == "Passed"
 
     artifacts = {a["key"]: a for a in _artifacts(second_id)}
     assert {"links-demo-mlflow-run", "links-demo-decision-report", "links-demo-calibration-representativeness"} \
